@@ -1,0 +1,412 @@
+"""Anatomy: find the transformer in an exported graph.
+
+Passes never walk the graph themselves; they ask this module. It returns plain data:
+the norms and the linear maps that read them, the residual stream and every term
+written into it, the unembedding, and attention's V->O paths. Whatever it cannot
+prove is left out with a reason, and the passes skip it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from . import match
+from .norms import Norm, find_norms
+
+LINEAR_OPS = {"MatMul", "Gemm"}
+WEIGHT_PATH_OPS = {"Identity", "Cast", "Transpose"}
+LAYOUT_OPS = match.ROW_NOOPS | {"Transpose"}
+
+
+# -- linear maps -------------------------------------------------------------------------
+@dataclass(eq=False)
+class Linear:
+    """y = x @ W + c with W constant; W read as [in, out] whatever the node stores."""
+
+    node: ir.Node
+    source: ir.Value  # the constant the weight comes from
+    path: list[ir.Node]  # no-op nodes between `source` and the node (Transpose, Cast)
+    transposed: bool  # the node sees W as [out, in] (Gemm transB=1)
+    d_in: int
+    d_out: int
+    bias: tuple[ir.Node, int] | None = None
+    layer: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.outputs[0].name
+
+    @property
+    def out(self) -> ir.Value:
+        """The output after the bias."""
+        if self.bias is not None and self.bias[0] is not self.node:
+            return self.bias[0].outputs[0]
+        return self.node.outputs[0]
+
+
+def as_linear(node: ir.Node) -> Linear | str:
+    """Read `node` as a linear map of its input 0, or say why it is not one."""
+    if node.op_type not in LINEAR_OPS or node.domain != "":
+        return f"{node.op_type} is not a linear map"
+    if node.op_type == "Gemm":
+        if match.attr(node, "transA", 0) != 0:
+            return "Gemm with transA=1"
+        if match.attr(node, "alpha", 1.0) != 1.0 or match.attr(node, "beta", 1.0) != 1.0:
+            return "Gemm with alpha or beta other than 1"
+    source, path = match.back(node.inputs[1], WEIGHT_PATH_OPS)
+    weight = match.const_value(source)
+    if weight is None:
+        return "weight is not a constant"
+    if weight.ndim != 2:
+        return f"weight has {weight.ndim} dimensions"
+    for p in path:
+        if p.op_type == "Transpose" and list(match.attr(p, "perm", [1, 0])) != [1, 0]:
+            return "weight transpose is not a 2-D transpose"
+    shape = weight.shape
+    flips = sum(p.op_type == "Transpose" for p in path)
+    transposed = node.op_type == "Gemm" and match.attr(node, "transB", 0) == 1
+    if (flips % 2 == 1) != transposed:
+        d_in, d_out = shape[1], shape[0]
+    else:
+        d_in, d_out = shape[0], shape[1]
+    lin = Linear(node, source, path, transposed, int(d_in), int(d_out))
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = match.const_value(node.inputs[2])
+        if c is None or c.size not in (1, d_out):
+            return "Gemm bias is not a constant vector"
+        lin.bias = (node, 2)
+    elif node.op_type == "MatMul":
+        use = match.single_use(node.outputs[0])
+        if use is not None and use[0].op_type == "Add":
+            add, idx = use
+            c = match.const_value(match.other_input(add, idx))
+            if c is not None and c.size == d_out and c.shape[-1] == d_out:
+                lin.bias = (add, 1 - idx)
+    return lin
+
+
+def linear_producing(value: ir.Value) -> Linear | None:
+    """The linear map whose output (after its bias) is `value`."""
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Add":
+        for idx in (0, 1):
+            inner = node.inputs[idx].producer() if node.inputs[idx] is not None else None
+            if inner is not None and inner.op_type == "MatMul":
+                lin = as_linear(inner)
+                if isinstance(lin, Linear) and lin.bias is not None and lin.bias[0] is node:
+                    return lin
+        return None
+    lin = as_linear(node) if node.op_type in LINEAR_OPS else None
+    return lin if isinstance(lin, Linear) and lin.out is value else None
+
+
+# -- residual stream -----------------------------------------------------------------
+@dataclass(eq=False)
+class Writer:
+    """One term added into the residual stream."""
+
+    kind: str  # "embed" (a table Gather) | "linear" | "bias" (a constant added on its own)
+    role: str  # "embed" | "pos_embed" | "attn_out" | "mlp_out" | "bias"
+    name: str
+    node: ir.Node  # the Gather, the linear node, or the Add holding the constant
+    idx: int  # the input of `node` holding the table / constant
+    linear: Linear | None = None
+    layer: int | None = None
+    blocker: str | None = None
+
+
+@dataclass(eq=False)
+class Attention:
+    """The V->O path of one attention block: b_V can move into b_O."""
+
+    layer: int | None
+    v: Linear
+    v_cols: tuple[int, int]  # columns of v's output that are the values
+    o: Linear
+    n_groups: int = 1  # query heads per key/value head
+    blocker: str | None = None
+
+
+@dataclass
+class Anatomy:
+    norms: list[Norm]
+    stream: list[ir.Value] = field(default_factory=list)
+    writers: list[Writer] = field(default_factory=list)
+    stream_blocker: str | None = None
+    unembed: Linear | None = None
+    unembed_blocker: str | None = None
+    final_norm: Norm | None = None
+    attention: list[Attention] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def d_model(self) -> int | None:
+        return self.norms[0].d_model if self.norms else None
+
+    @property
+    def is_transformer(self) -> bool:
+        return bool(self.norms) or self.unembed is not None
+
+
+def analyse(graph: ir.Graph) -> Anatomy:
+    order = {id(n): i for i, n in enumerate(graph)}
+    norms = sorted(find_norms(graph), key=lambda n: order[id(n.nodes[0])])
+    for norm in norms:
+        norm.layer = layer_of(norm.nodes[0])
+        norm.readers, norm.blocker = _readers(norm)
+    anatomy = Anatomy(norms=norms)
+    _find_unembed(graph, anatomy)
+    _find_stream(anatomy, order)
+    _find_attention(anatomy)
+    _number_layers(anatomy)
+    return anatomy
+
+
+def _readers(norm: Norm) -> tuple[list[Linear], str | None]:
+    uses, reaches_output = match.forward(norm.output)
+    if reaches_output:
+        return [], "norm output is a graph output"
+    readers, seen = [], set()
+    for node, idx, _ in uses:
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type in LINEAR_OPS and idx == 0:
+            lin = as_linear(node)
+            if isinstance(lin, str):
+                return [], f"reader {node.name}: {lin}"
+            if lin.d_in != norm.d_model:
+                return [], f"reader {node.name} reads {lin.d_in} features, not d_model={norm.d_model}"
+            lin.layer = layer_of(node)
+            readers.append(lin)
+        elif node.op_type == "Add":
+            return [], f"norm output feeds Add {node.name} (post-norm residual, not a linear map)"
+        else:
+            return [], f"norm output feeds {node.op_type} {node.name} (not a linear map)"
+    if not readers:
+        return [], "norm output is not read by any linear map"
+    return readers, None
+
+
+def _find_unembed(graph: ir.Graph, anatomy: Anatomy) -> None:
+    outputs = [v for v in graph.outputs if v.name == "logits"] or list(graph.outputs[:1])
+    if not outputs:
+        anatomy.unembed_blocker = "graph has no output"
+        return
+    value, _ = match.back(outputs[0])
+    lin = linear_producing(value)
+    if lin is None:
+        node = value.producer()
+        what = f"{node.op_type} {node.name}" if node is not None else "a graph input"
+        anatomy.unembed_blocker = f"logits come from {what}, not a linear map"
+        return
+    uses, _ = match.forward(lin.out)
+    if uses:
+        anatomy.unembed_blocker = f"unembedding output also feeds {uses[0][0].op_type} {uses[0][0].name}"
+        return
+    anatomy.unembed = lin
+    source, _ = match.back(lin.node.inputs[0])
+    anatomy.final_norm = next((n for n in anatomy.norms if n.output is source), None)
+
+
+def _find_stream(anatomy: Anatomy, order: dict) -> None:
+    """Split each norm's input into the terms summed into it.
+
+    Stream tensors are the norm inputs. Each is a tree of Adds whose leaves are either
+    an earlier stream tensor or a term: a linear map's output, an embedding Gather, or
+    a constant. Centring those terms is exact only when every reader of every stream
+    tensor is a centring LayerNorm; anything else blocks it, with the reason.
+    """
+    norms = anatomy.norms
+    if not norms:
+        return
+    roots: dict[int, ir.Value] = {}
+    for norm in norms:
+        root, _ = match.back(norm.input)
+        roots.setdefault(id(root), root)
+    anatomy.stream = sorted(roots.values(), key=lambda v: order.get(id(v.producer()), -1))
+    sums: dict[int, ir.Value] = {}  # every value that is (a copy of) a partial stream sum
+    leaves: list[ir.Value] = []
+
+    def walk(value: ir.Value, root: ir.Value) -> None:
+        source, passed = match.back(value)
+        chain = [value] + [p.inputs[0] for p in passed]
+        if source is not root and id(source) in roots:
+            for v in chain:
+                sums[id(v)] = v
+            return
+        node = source.producer()
+        if node is not None and node.op_type == "Add" and node.domain == "" and len(node.inputs) == 2:
+            for v in chain:
+                sums[id(v)] = v
+            walk(node.inputs[0], root)
+            walk(node.inputs[1], root)
+        else:
+            leaves.append(value)
+
+    for root in anatomy.stream:
+        walk(root, root)
+
+    blockers = []
+    centring_entries = {id(n) for norm in norms if norm.centring for n in norm.entry_nodes}
+    for norm in norms:
+        if not norm.centring:
+            blockers.append(f"{norm.kind} {norm.name} reads the stream and does not remove its mean")
+    for v in sums.values():
+        if v.is_graph_output():
+            blockers.append(f"stream tensor {v.name} is a graph output")
+        for node, _ in match.value_uses(v):
+            if id(node) in centring_entries or any(id(o) in sums for o in node.outputs):
+                continue
+            blockers.append(f"stream tensor {v.name} also feeds {node.op_type} {node.name}")
+    anatomy.stream_blocker = blockers[0] if blockers else None
+
+    linear_biases = set()
+    for leaf in leaves:
+        writer = _writer(leaf, anatomy.d_model, sums)
+        if writer is None:
+            continue
+        if writer.linear is not None and writer.linear.bias is not None:
+            linear_biases.add(id(writer.linear.bias[0]))
+        anatomy.writers.append(writer)
+    anatomy.writers = [
+        w for w in anatomy.writers if not (w.kind == "bias" and id(w.node) in linear_biases)
+    ]
+    for w in anatomy.writers:
+        if w.blocker and not anatomy.stream_blocker and w.kind == "other":
+            anatomy.stream_blocker = w.blocker
+
+
+def _writer(leaf: ir.Value, d_model: int | None, sums: dict) -> Writer | None:
+    source, passed = match.back(leaf)
+    exclusive = all(
+        len(match.value_uses(v)) == 1 and not v.is_graph_output()
+        for v in [source] + [p.outputs[0] for p in passed]
+    )
+    node = source.producer()
+    add_use = [(n, i) for n, i in match.value_uses(leaf) if id(n.outputs[0]) in sums]
+    if match.is_const(source):
+        if not add_use:
+            return None
+        add, idx = add_use[0]
+        return Writer("bias", "bias", source.name, add, idx)
+    if node is None:
+        return Writer("other", "other", source.name, add_use[0][0] if add_use else None, 0,
+                      blocker=f"stream term {source.name} is a graph input, not a constant table")
+    writer = None
+    if node.op_type in LINEAR_OPS:
+        lin = as_linear(node)
+        if isinstance(lin, Linear):
+            lin.layer = layer_of(node)
+            writer = Writer("linear", "mlp_out", lin.name, node, 1, linear=lin, layer=lin.layer)
+            if d_model is not None and lin.d_out != d_model:
+                writer.blocker = f"writes {lin.d_out} features, not d_model={d_model}"
+    elif node.op_type == "Gather" and match.attr(node, "axis", 0) == 0:
+        table, _ = match.back(node.inputs[0], {"Identity"})
+        arr = match.const_value(table)
+        if arr is not None and arr.ndim == 2:
+            ids, _ = match.back(node.inputs[1], match.ROW_NOOPS | {"Unsqueeze"})
+            role = "embed" if ids.is_graph_input() else "pos_embed"
+            writer = Writer("embed", role, table.name or node.name, node, 0, layer=None)
+            if d_model is not None and arr.shape[1] != d_model:
+                writer.blocker = f"table has {arr.shape[1]} columns, not d_model={d_model}"
+    if writer is None:
+        return Writer("other", "other", node.name, node, 0,
+                      blocker=f"stream term from {node.op_type} {node.name} is not a linear writer")
+    if not exclusive and writer.blocker is None:
+        writer.blocker = "its output is also read outside the residual stream"
+    return writer
+
+
+def _find_attention(anatomy: Anatomy) -> None:
+    """Attention blocks: a linear writer fed by softmax(...) @ V with V from a linear map."""
+    for writer in anatomy.writers:
+        if writer.kind != "linear":
+            continue
+        o = writer.linear
+        x, _ = match.back(o.node.inputs[0], LAYOUT_OPS)
+        pv = x.producer()
+        if pv is None or pv.op_type != "MatMul" or match.is_const(pv.inputs[1]):
+            continue
+        probs, _ = match.back(pv.inputs[0], match.VALUE_NOOPS)
+        if probs.producer() is None or probs.producer().op_type != "Softmax":
+            continue
+        writer.role = "attn_out"
+        att = _value_source(pv, o)
+        if isinstance(att, Attention):
+            anatomy.attention.append(att)
+        else:
+            anatomy.notes.append(f"attention {o.name}: {att}")
+
+
+def _value_source(pv: ir.Node, o: Linear) -> Attention | str:
+    v, _ = match.back(pv.inputs[1], LAYOUT_OPS | {"Expand"})
+    node = v.producer()
+    cols = None
+    if node is not None and node.op_type == "Split":
+        k = list(node.outputs).index(v)
+        sizes = _split_sizes(node)
+        if sizes is None or not match.is_last_axis([match.attr(node, "axis", 0)], node.inputs[0]):
+            return "value Split is not along the last axis"
+        start = int(sum(sizes[:k]))
+        cols = (start, start + int(sizes[k]))
+        values_out = node.outputs[k]
+        v, _ = match.back(node.inputs[0])
+    else:
+        values_out = v
+    lin = linear_producing(v)
+    if lin is None:
+        return "value projection is not a linear map"
+    if cols is None:
+        cols = (0, lin.d_out)
+    uses, _ = match.forward(values_out, LAYOUT_OPS | {"Expand"})
+    if any(n is not pv for n, _, _ in uses):
+        return "values are read outside the attention product"
+    n_values = cols[1] - cols[0]
+    if o.d_in % n_values:
+        return f"output projection reads {o.d_in} features from {n_values} values"
+    lin.layer = layer_of(lin.node)
+    att = Attention(layer=o.layer, v=lin, v_cols=cols, o=o, n_groups=o.d_in // n_values)
+    if att.n_groups != 1:
+        att.blocker = f"grouped values ({att.n_groups} query heads per value head)"
+    return att
+
+
+def _split_sizes(node: ir.Node) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        sizes = match.const_value(node.inputs[1])
+        return None if sizes is None else [int(s) for s in np.asarray(sizes).reshape(-1)]
+    if match.attr(node, "split") is not None:
+        return [int(s) for s in match.attr(node, "split")]
+    src = linear_producing(match.back(node.inputs[0])[0])
+    n = len(node.outputs)
+    if src is not None and src.d_out % n == 0:
+        return [src.d_out // n] * n
+    return None
+
+
+# -- layers --------------------------------------------------------------------------
+_LAYER = re.compile(r"(?:^|[./_])(?:h|layers|layer|blocks|block|decoder_layers)[._](\d+)(?:[./_]|$)")
+
+
+def layer_of(node: ir.Node) -> int | None:
+    """Layer index from a TorchScript node name or dynamo's name-scope metadata."""
+    for text in (node.name or "", node.metadata_props.get("pkg.torch.onnx.name_scopes", "")):
+        found = _LAYER.findall(text)
+        if found:
+            return int(found[-1])
+    return None
+
+
+def _number_layers(anatomy: Anatomy) -> None:
+    """Where names gave no layer, number attention blocks (and their writers) in order."""
+    if all(a.layer is not None for a in anatomy.attention):
+        return
+    for i, att in enumerate(anatomy.attention):
+        att.layer = att.layer if att.layer is not None else i

@@ -1,0 +1,177 @@
+"""Norm forms: find each LayerNorm / RMSNorm in the graph, whatever shape it was exported in.
+
+    fused         LayerNormalization(X, scale, bias), axis -1
+    decomposed    X ─┬─ ReduceMean ─┐
+                     └──────────── Sub ─┬─ Pow(2) ─ ReduceMean ─ Add(eps) ─ Sqrt ─┐
+                                        └────────────────────────────────────── Div ─ Mul(scale) ─ Add(bias)
+
+Each match gives the tensor normalised, the output after scale and bias, where the
+scale and bias constants sit (node, input index), and the nodes that read the input
+(those are what make a stream tensor "read by a centring norm").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from . import match
+
+
+@dataclass(eq=False)
+class Norm:
+    name: str
+    kind: str  # "layernorm" | "rmsnorm"
+    form: str  # "LayerNormalization" | "decomposed"
+    input: ir.Value
+    output: ir.Value
+    entry_nodes: list[ir.Node]
+    nodes: list[ir.Node]
+    d_model: int
+    eps: float | None
+    scale: tuple[ir.Node, int] | None = None
+    bias: tuple[ir.Node, int] | None = None
+    layer: int | None = None
+    readers: list = field(default_factory=list)
+    blocker: str | None = None
+
+    @property
+    def centring(self) -> bool:
+        return self.kind == "layernorm"
+
+
+def find_norms(graph: ir.Graph) -> list[Norm]:
+    norms = []
+    for node in graph:
+        if node.domain != "":
+            continue
+        if node.op_type == "LayerNormalization":
+            norm = _fused_layernorm(node)
+        elif node.op_type == "Div":
+            norm = _decomposed_layernorm(node)
+        else:
+            norm = None
+        if norm is not None:
+            norms.append(norm)
+    return norms
+
+
+def _vector(value: ir.Value | None) -> np.ndarray | None:
+    arr = match.const_value(value)
+    return None if arr is None else np.asarray(arr)
+
+
+def _fused_layernorm(node: ir.Node) -> Norm | None:
+    x = node.inputs[0]
+    if match.attr(node, "axis", -1) != -1 and not match.is_last_axis([match.attr(node, "axis")], x):
+        return None
+    if any(out.uses() for out in node.outputs[1:]):
+        return None  # mean / inv-std outputs are read: not a plain norm
+    scale = _vector(node.inputs[1])
+    if scale is None:
+        return None
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    if has_bias and _vector(node.inputs[2]) is None:
+        return None
+    return Norm(
+        name=node.name or node.outputs[0].name,
+        kind="layernorm",
+        form="LayerNormalization",
+        input=x,
+        output=node.outputs[0],
+        entry_nodes=[node],
+        nodes=[node],
+        d_model=int(scale.size),
+        eps=float(match.attr(node, "epsilon", 1e-5)),
+        scale=(node, 1),
+        bias=(node, 2) if has_bias else None,
+    )
+
+
+def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op and node.domain == "" else None
+
+
+def _mean_last(node: ir.Node | None) -> bool:
+    return (
+        node is not None
+        and node.op_type == "ReduceMean"
+        and match.attr(node, "keepdims", 1) == 1
+        and match.is_last_axis(match.reduce_axes(node), node.inputs[0])
+    )
+
+
+def _decomposed_layernorm(div: ir.Node) -> Norm | None:
+    centred, denom = div.inputs[0], div.inputs[1]
+    sub = _producer(centred, "Sub")
+    sqrt = _producer(denom, "Sqrt")
+    if sub is None or sqrt is None:
+        return None
+    x = sub.inputs[0]
+    mean = sub.inputs[1].producer() if sub.inputs[1] is not None else None
+    if not _mean_last(mean) or mean.inputs[0] is not x:
+        return None
+    add_eps = _producer(sqrt.inputs[0], "Add")
+    if add_eps is None:
+        return None
+    var_idx = 0 if match.const_value(add_eps.inputs[1]) is not None else 1
+    eps = match.const_value(add_eps.inputs[1 - var_idx])
+    var = add_eps.inputs[var_idx].producer()
+    if eps is None or not _mean_last(var):
+        return None
+    power = _producer(var.inputs[0], "Pow")
+    if power is None or power.inputs[0] is not centred:
+        return None
+    exponent = match.const_value(power.inputs[1])
+    if exponent is None or float(np.asarray(exponent).reshape(-1)[0]) != 2.0:
+        return None
+    nodes = [mean, sub, power, var, add_eps, sqrt, div]
+    out, scale, bias = div.outputs[0], None, None
+    d_model = _last_dim(x)
+    step = match.single_use(out)
+    if step is not None and step[0].op_type == "Mul":
+        mul, idx = step
+        w = _vector(match.other_input(mul, idx))
+        if w is not None and w.ndim >= 1 and w.size == w.shape[-1]:
+            scale, out, d_model = (mul, 1 - idx), mul.outputs[0], int(w.size)
+            nodes.append(mul)
+            step = match.single_use(out)
+            if step is not None and step[0].op_type == "Add":
+                add, idx = step
+                b = _vector(match.other_input(add, idx))
+                if b is not None and b.ndim >= 1 and b.size == d_model:
+                    bias, out = (add, 1 - idx), add.outputs[0]
+                    nodes.append(add)
+    if d_model is None:
+        return None
+    entry = [u.node for u in x.uses() if u.node in (mean, sub)]
+    return Norm(
+        name=_scope(sub.name) or div.name,
+        kind="layernorm",
+        form="decomposed",
+        input=x,
+        output=out,
+        entry_nodes=entry,
+        nodes=nodes,
+        d_model=d_model,
+        eps=float(np.asarray(eps).reshape(-1)[0]),
+        scale=scale,
+        bias=bias,
+    )
+
+
+def _last_dim(value: ir.Value) -> int | None:
+    shape = value.shape
+    if shape is None or len(shape) == 0 or not isinstance(shape[-1], int):
+        return None
+    return int(shape[-1])
+
+
+def _scope(name: str | None) -> str | None:
+    """'/transformer/h.0/ln_1/Sub' -> '/transformer/h.0/ln_1' (TorchScript module paths)."""
+    if name and "/" in name:
+        return name.rsplit("/", 1)[0]
+    return name

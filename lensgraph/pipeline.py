@@ -1,0 +1,143 @@
+"""Passes and the pass manager.
+
+A pass is a small class: `requires` says why it cannot run on this model (or None),
+`run` rewrites through the anatomy and returns statistics, `ensures` checks its
+post-condition. Ordering constraints are data (`after`). The manager runs a pipeline,
+re-analyses the graph before each pass, checks the structure after each one, and
+records what was applied in the model's metadata so a second run is a no-op.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, ClassVar, Sequence
+
+from .anatomy import Anatomy, analyse
+from .errors import LensError, PipelineError
+from .model import LensModel
+
+DEFAULT_PIPELINE = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+
+
+@dataclass
+class PassResult:
+    name: str
+    matched: int = 0
+    rewritten: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    modified: bool = False
+    already_applied: bool = False
+    seconds: float = 0.0
+
+    def skip(self, what: str, reason: str) -> None:
+        self.skipped.append((what, reason))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["skipped"] = [{"what": w, "reason": r} for w, r in self.skipped]
+        return d
+
+    def summary(self) -> str:
+        if self.already_applied:
+            return f"{self.name}: already applied, nothing to do"
+        text = f"{self.name}: matched {self.matched}, rewrote {self.rewritten}"
+        if self.skipped:
+            text += f", skipped {len(self.skipped)}"
+        return text + f" ({self.seconds * 1000:.0f} ms)"
+
+
+class Pass:
+    name: ClassVar[str]
+    after: ClassVar[tuple[str, ...]] = ()  # must run after these when both are in a pipeline
+    summary: ClassVar[str] = ""
+
+    def requires(self, model: LensModel, anatomy: Anatomy) -> str | None:
+        return None
+
+    def run(self, model: LensModel, anatomy: Anatomy) -> PassResult:
+        raise NotImplementedError
+
+    def ensures(self, model: LensModel, anatomy: Anatomy) -> None:
+        """Raise LensError when the post-condition does not hold."""
+
+
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin_passes() -> None:
+    from . import passes  # noqa: F401  (registers the built-in passes)
+
+
+class PassManager:
+    def __init__(self, passes: Sequence[str | Pass] | None = None, check_each: bool = True):
+        _load_builtin_passes()
+        self.passes: list[Pass] = []
+        for p in DEFAULT_PIPELINE if passes is None else passes:
+            if isinstance(p, str):
+                if p not in REGISTRY:
+                    known = ", ".join(sorted(REGISTRY))
+                    raise PipelineError(f"unknown pass '{p}' (known: {known})")
+                p = REGISTRY[p]()
+            self.passes.append(p)
+        self.check_each = check_each
+        self._validate()
+
+    @classmethod
+    def parse(cls, spec: str, **kwargs) -> "PassManager":
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+        if not names:
+            raise PipelineError("empty pass pipeline")
+        return cls(names, **kwargs)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.passes]
+
+    def _validate(self) -> None:
+        names = self.names
+        for i, p in enumerate(self.passes):
+            if names.count(p.name) > 1:
+                raise PipelineError(f"pass '{p.name}' appears twice in the pipeline")
+            for dep in p.after:
+                if dep in names and names.index(dep) > i:
+                    order = sorted(names, key=lambda n: (DEFAULT_PIPELINE + (n,)).index(n))
+                    raise PipelineError(
+                        f"'{p.name}' must run after '{dep}'; try: {','.join(order)}"
+                    )
+
+    def run(self, model: LensModel, progress: Callable[[str], None] | None = None) -> list[PassResult]:
+        results = []
+        for p in self.passes:
+            if progress:
+                progress(p.name)
+            if p.name in model.applied:
+                results.append(PassResult(p.name, already_applied=True))
+                continue
+            start = time.perf_counter()
+            anatomy = analyse(model.graph)
+            reason = p.requires(model, anatomy)
+            if reason is not None:
+                result = PassResult(p.name)
+                result.skip("model", reason)
+            else:
+                result = p.run(model, anatomy)
+                model.cleanup()
+                if self.check_each:
+                    model.check()
+                p.ensures(model, analyse(model.graph))
+                model.mark_applied(p.name)
+            result.seconds = time.perf_counter() - start
+            results.append(result)
+        return results
+
+
+def check(condition: bool, message: str) -> None:
+    """A pass's post-condition: fail loudly rather than hand back a wrong graph."""
+    if not condition:
+        raise LensError(message)

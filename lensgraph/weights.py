@@ -1,0 +1,150 @@
+"""WeightStore: reading initializers as float64 and writing them back copy-on-write.
+
+Exporters de-duplicate identical tensors, so one initializer may feed several nodes
+(all LayerNorm scales, a tied embedding and unembedding). A rewrite that changes the
+weight seen by one node must never change what the others see: a shared initializer
+is copied for the node being rewritten, and only an exclusively used one is replaced.
+Arithmetic is done in float64 and stored back in the tensor's own dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from . import match
+
+
+class WeightStore:
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self._names = {v.name for v in graph.initializers.values()}
+        self.copies = 0  # shared initializers copied instead of edited
+        self.written = 0
+
+    def read(self, value: ir.Value) -> np.ndarray:
+        arr = match.const_value(value)
+        if arr is None:
+            raise ValueError(f"{value.name} is not a constant")
+        return np.asarray(arr, dtype=np.float64)
+
+    def _unique(self, base: str) -> str:
+        name, k = base, 1
+        while name in self._names or self.graph.initializers.get(name) is not None:
+            k += 1
+            name = f"{base}_{k}"
+        self._names.add(name)
+        return name
+
+    def new_initializer(self, name: str, array: np.ndarray) -> ir.Value:
+        name = self._unique(name)
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.shape = ir.Shape(array.shape)
+        value.dtype = ir.DataType.from_numpy(array.dtype)
+        self.graph.register_initializer(value)
+        return value
+
+    def write(self, node: ir.Node, idx: int, array: np.ndarray, dtype=None) -> ir.Value:
+        """Give input `idx` of `node` the constant `array`, without touching other users.
+
+        The initializer is replaced in place only when this node's input is its one use;
+        otherwise (shared, or a Constant node) a new initializer is made for this input.
+        """
+        old = node.inputs[idx]
+        dtype = np.dtype(dtype) if dtype is not None else _np_dtype(old)
+        array = np.ascontiguousarray(np.asarray(array, dtype=np.float64).astype(dtype))
+        self.written += 1
+        uses = old.uses() if old is not None else []
+        exclusive = (
+            old is not None
+            and old.is_initializer()
+            and not old.is_graph_input()
+            and not old.is_graph_output()
+            and len(uses) == 1
+        )
+        if exclusive:
+            old.const_value = ir.tensor(array, name=old.name)
+            old.shape = ir.Shape(array.shape)
+            return old
+        if old is not None and old.is_initializer():
+            self.copies += 1
+        base = old.name if old is not None and old.name else f"{node.name}_input{idx}"
+        new = self.new_initializer(base, array)
+        node.replace_input_with(idx, new)
+        return new
+
+
+def _np_dtype(value: ir.Value | None) -> np.dtype:
+    if value is None or value.dtype is None:
+        arr = match.const_value(value)
+        return arr.dtype if arr is not None else np.dtype(np.float32)
+    return value.dtype.numpy()
+
+
+class LinearWeights:
+    """Read and write a linear map's W (as [in, out]) and bias, whatever the node stores."""
+
+    def __init__(self, store: WeightStore):
+        self.store = store
+
+    def weight(self, lin) -> np.ndarray:
+        arr = self.store.read(lin.source)
+        for node in reversed(lin.path):
+            if node.op_type == "Transpose":
+                arr = arr.T
+        return arr.T if lin.transposed else arr
+
+    def set_weight(self, lin, w: np.ndarray) -> None:
+        arr = w.T if lin.transposed else w
+        target = lin.node.inputs[1]
+        if lin.path:  # seen through Transpose/Cast: give this node its own initializer
+            new = self.store.new_initializer(lin.source.name or target.name, arr.astype(_np_dtype(target)))
+            lin.node.replace_input_with(1, new)
+            self.store.written += 1
+            lin.source, lin.path = new, []
+        else:
+            lin.source = self.store.write(lin.node, 1, arr)
+
+    def bias(self, lin) -> np.ndarray:
+        if lin.bias is None:
+            return np.zeros(lin.d_out)
+        node, idx = lin.bias
+        return np.broadcast_to(self.store.read(node.inputs[idx]).reshape(-1), (lin.d_out,)).copy()
+
+    def set_bias(self, lin, c: np.ndarray) -> None:
+        """Write the bias, creating it (a Gemm C input or an Add after a MatMul) if missing."""
+        dtype = _np_dtype(lin.node.inputs[1])
+        if lin.bias is not None:
+            node, idx = lin.bias
+            old = match.const_value(node.inputs[idx])
+            shape = old.shape if old is not None and old.size == lin.d_out else (lin.d_out,)
+            self.store.write(node, idx, c.reshape(shape))
+            return
+        name = f"{lin.source.name or lin.name}.bias"
+        if lin.node.op_type == "Gemm":
+            value = self.store.new_initializer(name, c.astype(dtype))
+            lin.node.resize_inputs(3)
+            lin.node.replace_input_with(2, value)
+            lin.bias = (lin.node, 2)
+        else:
+            lin.bias = (self.add_after(lin.node, self.store.new_initializer(name, c.astype(dtype))), 1)
+        self.store.written += 1
+
+    def add_after(self, node: ir.Node, bias: ir.Value) -> ir.Node:
+        """Insert `out = node_out + bias` so every reader of the node's output sees the bias."""
+        out = node.outputs[0]
+        uses = list(out.uses())
+        add = ir.Node("", "Add", [out, bias], name=f"{node.name}_bias")
+        biased = add.outputs[0]
+        biased.dtype, biased.shape = out.dtype, out.shape
+        for use in uses:
+            use.node.replace_input_with(use.idx, biased)
+        graph = self.store.graph
+        for i, v in enumerate(graph.outputs):
+            if v is out:
+                graph.outputs[i] = biased
+        name = out.name
+        out.name = f"{name}_before_bias"
+        biased.name = name
+        graph.insert_after(node, add)
+        return add

@@ -1,0 +1,40 @@
+"""center_unembed: make the unembedding mean-zero over the vocabulary.
+
+W_U [d_model, vocab] -= W_U.mean(axis=1), b_U -= mean(b_U): every logit at a position
+moves by the same constant, which softmax ignores.
+"""
+
+import numpy as np
+
+from lensgraph.pipeline import Pass, PassResult, check, register
+from lensgraph.weights import LinearWeights
+
+
+@register
+class CenterUnembed(Pass):
+    name = "center_unembed"
+    summary = "centre the unembedding over the vocabulary"
+    formula = "W_U -= mean(W_U, axis=vocab); b_U -= mean(b_U)"
+
+    def requires(self, model, anatomy):
+        if anatomy.unembed is None:
+            return anatomy.unembed_blocker or "no unembedding found"
+        return None
+
+    def run(self, model, anatomy) -> PassResult:
+        result = PassResult(self.name, matched=1)
+        linear, lin = LinearWeights(model.weights), anatomy.unembed
+        weight = linear.weight(lin)
+        linear.set_weight(lin, weight - weight.mean(axis=1, keepdims=True))
+        if lin.bias is not None:
+            bias = linear.bias(lin)
+            linear.set_bias(lin, bias - bias.mean())
+        model.tag(lin.node, self.name, self.formula)
+        result.rewritten = 1
+        result.modified = True
+        return result
+
+    def ensures(self, model, anatomy) -> None:
+        weight = LinearWeights(model.weights).weight(anatomy.unembed)
+        scale = max(float(np.abs(weight).max()), 1e-30)
+        check(float(np.abs(weight.mean(axis=1)).max()) <= 1e-5 * scale, "unembedding is not centred")
