@@ -1,0 +1,165 @@
+"""`lensgraph ...`: export, process, verify, inspect, demo.
+
+Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 other lensgraph
+error, 4 unexpected internal error. Errors are one line on stderr; --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from . import __version__
+from .errors import LensError
+
+EXIT_INTERNAL = 4
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except LensError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lensgraph: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("lensgraph: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so plainly
+        if args.debug:
+            traceback.print_exc()
+        print(f"lensgraph: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--quiet", "-q", action="store_true", help="print only errors")
+    parser = argparse.ArgumentParser(prog="lensgraph", parents=[common],
+                                     description="TransformerLens-style weight processing on ONNX graphs")
+    parser.add_argument("--version", action="version", version=f"lensgraph {__version__}")
+    sub = parser.add_subparsers(title="commands")
+
+    p = sub.add_parser("export", parents=[common], help="export a HuggingFace causal LM to ONNX")
+    p.add_argument("source", help="HuggingFace model id or local checkpoint folder")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("process", parents=[common], help="apply the weight-processing passes")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--passes", default=None,
+                   help="comma-separated pipeline (default: fold_ln,center_writing_weights,center_unembed,fold_value_biases)")
+    p.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--external-data", nargs="?", const=True, default=None, metavar="NAME",
+                   help="store weights in a separate data file (default name: OUTPUT.data)")
+    p.add_argument("--provider", default="CPUExecutionProvider")
+    p.set_defaults(func=_process)
+
+    p = sub.add_parser("verify", parents=[common], help="check B is equivalent to A (logits up to a per-position constant)")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--tolerance", type=float, default=None)
+    p.add_argument("--provider", default="CPUExecutionProvider")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("inspect", parents=[common], help="show what lensgraph finds in a model")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("passes", parents=[common], help="list the available passes")
+    p.set_defaults(func=_passes)
+
+    p = sub.add_parser("demo", parents=[common], help="build, export, process and verify a tiny GPT-2")
+    p.add_argument("--dir", default="demo-output", help="working folder (default: ./demo-output)")
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def _say(args):
+    return (lambda *a, **k: None) if args.quiet else print
+
+
+def _export(args) -> int:
+    from .export import export
+
+    info = export(args.source, args.output, exporter=args.exporter, opset=args.opset, dtype=args.dtype,
+                  check=not args.no_check)
+    _say(args)(f"exported {args.source} -> {info['out_path']} ({info['exporter']}, opset {info['opset']}, "
+               f"{info['seconds']:.1f} s)" + (f"; onnxruntime vs torch max |diff| {info['max_abs_diff']:.1e}"
+                                              if info.get("max_abs_diff") is not None else ""))
+    return 0
+
+
+def _process(args) -> int:
+    from .process import process, summary
+    from .progress import Progress
+
+    say = _say(args)
+    with Progress(enabled=not args.quiet) as bar:
+        report = process(args.input, args.output, passes=args.passes, verify=not args.no_verify,
+                         external_data=args.external_data, provider=args.provider, progress=bar.step)
+    say(f"{args.input} -> {args.output}")
+    say(summary(report))
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def _verify(args) -> int:
+    from .verify import verify
+
+    result = verify(args.a, args.b, tolerance=args.tolerance, provider=args.provider)
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+def _inspect(args) -> int:
+    from .describe import as_text, describe
+    from .model import LensModel
+
+    info = describe(LensModel.load(args.model))
+    print(json.dumps(info, indent=2) if args.json else as_text(info))
+    return 0
+
+
+def _passes(args) -> int:
+    from .pipeline import DEFAULT_PIPELINE, REGISTRY, _load_builtin_passes
+
+    _load_builtin_passes()
+    for name, cls in sorted(REGISTRY.items()):
+        mark = "*" if name in DEFAULT_PIPELINE else " "
+        after = f" (after {', '.join(cls.after)})" if cls.after else ""
+        print(f"{mark} {name}: {cls.summary}{after}")
+    print("* in the default pipeline:", ",".join(DEFAULT_PIPELINE))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(os.path.abspath(args.dir), exporter=args.exporter, say=_say(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
