@@ -1,0 +1,32 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build of torch; override on machines that want another build.
+TORCH ?= torch==2.13.0
+PIP := $(VENV)/bin/pip
+PY := $(VENV)/bin/python
+
+.PHONY: demo test clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.export-installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install --quiet "$(TORCH)"
+	$(PIP) install --quiet -e ".[export]"
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install --quiet "$(TORCH)"
+	$(PIP) install --quiet -e ".[export,test]"
+	touch $@
+
+demo: $(VENV)/.export-installed
+	$(VENV)/bin/lensgraph demo --dir demo-output
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache
