@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -17,9 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import BadInputError, LensError
+
 EXPORTERS = ("dynamo", "torchscript")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 TORCHSCRIPT_DEFAULT_OPSET = 17
+# Below this the dynamo exporter's version conversion either fails (and quietly
+# keeps 18) or writes graphs onnxruntime rejects (Split in gpt2/neox).
+DYNAMO_MIN_OPSET = 18
 VERBOSE_ENV = "LENSGRAPH_VERBOSE"
 
 # Protobuf caps one file at 2 GB, graph included, and torch's dynamo saver
@@ -30,11 +36,17 @@ SINGLE_FILE_LIMIT = 1536 * 1024 * 1024
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2}
 
 # Loggers that chatter during load and export.
-_NOISY_LOGGERS = ("torch", "transformers", "onnxscript", "onnx_ir", "onnxruntime")
+_NOISY_LOGGERS = (
+    "torch", "transformers", "huggingface_hub", "onnxscript", "onnx_ir", "onnxruntime",
+)
 
 
-class ExportError(Exception):
-    """An expected failure, with a one-line message fit to show a user."""
+class ExportError(LensError):
+    """An expected failure, with a one-line message; a LensError so the CLI shows it plainly."""
+
+
+class ExportInputError(ExportError, BadInputError):
+    """The source, an option or the output path is unusable (the CLI exits with 2)."""
 
 
 class LogitsOnly(torch.nn.Module):
@@ -58,8 +70,29 @@ def _verbose(verbose):
 
 
 @contextlib.contextmanager
+def _silence_fds():
+    """C++ code (TorchScript graph dumps on failure, onnxruntime) writes to fds 1 and 2 directly."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = []
+    with open(os.devnull, "w") as null:
+        try:
+            for fd in (1, 2):
+                with contextlib.suppress(OSError):
+                    copy = os.dup(fd)
+                    os.dup2(null.fileno(), fd)
+                    saved.append((fd, copy))
+            yield
+        finally:
+            for fd, copy in saved:
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
+@contextlib.contextmanager
 def _quiet(verbose):
-    """Hide warnings, logging and stray prints from torch, transformers and onnx."""
+    """Hide warnings, logging and prints from torch, transformers and onnx."""
     if verbose:
         yield
         return
@@ -70,7 +103,7 @@ def _quiet(verbose):
         for lg in loggers:
             lg.setLevel(logging.ERROR)
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
-                contextlib.redirect_stderr(sink):
+                contextlib.redirect_stderr(sink), _silence_fds():
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -91,42 +124,71 @@ def _reason(exc):
 
 def _looks_like_path(source):
     """Hub ids are 'name' or 'org/name'; anything else that is missing is a bad path."""
-    return (
-        source.startswith((".", "/", "~"))
-        or "\\" in source
-        or source.count("/") > 1
-        or os.path.exists(source)
-    )
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if source.startswith((".", "/", "~")) or source.endswith("/"):
+        return True
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return True
+    return False
 
 
 def load_hf_model(source, dtype="float32", verbose=None):
     """Load a causal LM with eager attention, the only kind that exports cleanly."""
     if dtype not in DTYPES:
-        raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise ExportInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     source = str(source)
     path = os.path.expanduser(source)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ExportError(f"{source}: folder has no config.json (not a saved HuggingFace model)")
+            raise ExportInputError(
+                f"{source}: folder has no config.json (not a saved HuggingFace model)"
+            )
         source = path
+    elif os.path.exists(path):
+        raise ExportInputError(f"{source}: not a folder (expected a saved HuggingFace model)")
     elif _looks_like_path(source):
-        raise ExportError(f"{source}: no such model folder")
+        raise ExportInputError(f"{source}: no such model folder")
 
     from transformers import AutoModelForCausalLM
 
-    try:
+    def load(**kwargs):
         with _quiet(_verbose(verbose)):
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=DTYPES[dtype], attn_implementation="eager"
+            return AutoModelForCausalLM.from_pretrained(
+                source, dtype=DTYPES[dtype], attn_implementation="eager", **kwargs
             )
-    except Exception as exc:
-        if os.path.isdir(source):
-            raise ExportError(f"{source}: could not load model ({_reason(exc)})") from None
-        raise ExportError(
-            f"{source}: not a local folder and could not be loaded from the HuggingFace hub "
-            f"({_reason(exc)})"
-        ) from None
-    model.to(DTYPES[dtype])
+
+    if os.path.isdir(source):
+        try:
+            model = load()
+        except Exception as exc:
+            raise ExportInputError(f"{source}: could not load model ({_reason(exc)})") from None
+    else:
+        # The local cache first: it needs no network and avoids the hub client's
+        # retries (about 20 s) when offline.
+        try:
+            model = load(local_files_only=True)
+        except OSError:
+            model = None
+        except Exception as exc:
+            raise ExportInputError(f"{source}: could not load model ({_reason(exc)})") from None
+        if model is None:
+            from huggingface_hub import constants
+
+            if constants.HF_HUB_OFFLINE:
+                raise ExportInputError(
+                    f"{source}: no such local folder, and not in the HuggingFace cache "
+                    f"(offline mode is on, HF_HUB_OFFLINE)"
+                )
+            try:
+                model = load()
+            except Exception as exc:
+                raise ExportInputError(
+                    f"{source}: no such local folder, and could not load it from the "
+                    f"HuggingFace hub ({_reason(exc)})"
+                ) from None
     model.eval()
     return model
 
@@ -194,7 +256,7 @@ def _export_torchscript(wrapper, args, dest, opset, external, verbose):
         dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": axes},
         opset_version=opset or TORCHSCRIPT_DEFAULT_OPSET,
         dynamo=False,
-        verbose=verbose,
+        verbose=False,  # True dumps the whole traced graph, too much even when verbose
     )
     if external:
         import onnx
@@ -207,6 +269,7 @@ def _export_torchscript(wrapper, args, dest, opset, external, verbose):
             all_tensors_to_one_file=True,
             location=dest.name + ".data",
         )
+        shutil.copymode(target, dest.parent / (dest.name + ".data"))  # onnx writes it 0600
 
 
 def _check_inputs(vocab):
@@ -239,9 +302,29 @@ def _compare(wrapper, onnx_path, vocab):
             f"onnx logits have shape {got.shape}, torch gives {expected.shape}"
         )
     diff = np.abs(got - expected)
-    max_diff = float(np.nanmax(diff)) if np.isfinite(diff).all() else float("inf")
+    max_diff = float(diff.max()) if np.isfinite(diff).all() else float("inf")
     scale = float(np.abs(expected).max()) or 1.0
     return max_diff, scale
+
+
+def _check_choices(exporter, opset):
+    """Reject bad exporter/opset pairs up front; returns opset as an int or None."""
+    if exporter not in EXPORTERS:
+        raise ExportInputError(
+            f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}"
+        )
+    if opset is None:
+        return None
+    try:
+        opset = int(opset)
+    except (TypeError, ValueError):
+        raise ExportInputError(f"opset must be a whole number, got {opset!r}") from None
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+        raise ExportInputError(
+            f"the dynamo exporter cannot target opset {opset} (lowest is "
+            f"{DYNAMO_MIN_OPSET}); use the torchscript exporter for it"
+        )
+    return opset
 
 
 def _written_opset(path):
@@ -260,10 +343,7 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
     The file appears only once everything has succeeded: it is written in a
     temporary folder beside out_path and moved into place at the end.
     """
-    if exporter not in EXPORTERS:
-        raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
-    if opset is not None:
-        opset = int(opset)
+    opset = _check_choices(exporter, opset)
     verbose = _verbose(verbose)
     name = getattr(model, "name_or_path", "") or type(model).__name__
     dtype = _model_dtype(model)
@@ -272,8 +352,13 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
     external = _weight_bytes(model) > SINGLE_FILE_LIMIT
 
     out_path = Path(out_path).expanduser()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    if out_path.is_dir():
+        raise ExportInputError(f"{out_path}: is a folder; give a file path such as model.onnx")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    except OSError as exc:
+        raise ExportInputError(f"{out_path}: cannot write there ({_reason(exc)})") from None
     dest = work / out_path.name
     try:
         wrapper = LogitsOnly(model).eval()
@@ -289,10 +374,18 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
         except Exception as exc:
             hint = ""
             if dtype == torch.float16:
-                hint = (f"; float16 export on CPU is not supported for this model with the "
-                        f"{exporter} exporter on torch {torch.__version__}, use float32")
+                hint = (f"; float16 export on CPU with the {exporter} exporter does not work "
+                        f"for this model on torch {torch.__version__}, use float32")
             raise ExportError(f"{name}: {exporter} export failed ({_reason(exc)}){hint}") from None
         seconds = time.perf_counter() - start
+
+        written_opset = _written_opset(dest)
+        if opset is not None and written_opset != opset:
+            # Guard: the dynamo exporter keeps its own opset when conversion fails.
+            raise ExportError(
+                f"{name}: {exporter} exporter could not target opset {opset} "
+                f"(wrote {written_opset})"
+            )
 
         max_diff = None
         if check:
@@ -304,8 +397,8 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
             except Exception as exc:
                 hint = ""
                 if dtype == torch.float16:
-                    hint = (f"; float16 graphs from the {exporter} exporter do not run on "
-                            f"onnxruntime CPU for this model, use float32")
+                    hint = (f"; onnxruntime on CPU cannot run this float16 graph from the "
+                            f"{exporter} exporter, use float32")
                 raise ExportError(
                     f"{name}: onnxruntime could not run the exported graph ({_reason(exc)}){hint}"
                 ) from None
@@ -316,7 +409,6 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
                     f"(allowed {limit:.3g} for {dtype_name}, logit scale {scale:.3g})"
                 )
 
-        written_opset = _written_opset(dest)
         # Data first, so a graph never sits beside a missing data file.
         if external:
             os.replace(work / (out_path.name + ".data"), str(out_path) + ".data")
@@ -338,8 +430,7 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
 def export(source, out_path, exporter="dynamo", opset=None, dtype="float32", check=True,
            verbose=None):
     """Load source (hub id or local folder) and export it; see export_model."""
-    if exporter not in EXPORTERS:
-        raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    _check_choices(exporter, opset)  # before the slow load
     model = load_hf_model(source, dtype=dtype, verbose=verbose)
     result = export_model(model, out_path, exporter=exporter, opset=opset, check=check,
                           verbose=verbose)
