@@ -30,7 +30,7 @@ def tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4
 
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size,
-                        n_positions=128, attn_implementation="eager")
+                        n_positions=128, bos_token_id=0, eos_token_id=0, attn_implementation="eager")
     model = GPT2LMHeadModel(config).eval()
     randomise_1d(model, seed)
     return model
@@ -47,6 +47,9 @@ def run_demo(workdir: str, exporter: str = "dynamo", say=print) -> dict:
     original = os.path.join(workdir, "tiny-gpt2.onnx")
     processed = os.path.join(workdir, "tiny-gpt2.lens.onnx")
     say(f"1. building a tiny GPT-2 with random weights and randomised norms -> {checkpoint}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     tiny_gpt2().save_pretrained(checkpoint)
     say(f"2. exporting it with the {exporter} exporter -> {original}")
     info = export(checkpoint, original, exporter=exporter)

@@ -18,31 +18,42 @@ ROW_NOOPS = VALUE_NOOPS | {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 SHAPE_ONLY = {"Shape", "Size"}
 
 
+def const_source(value: ir.Value | None) -> ir.Value | None:
+    """The initializer or Constant-node output behind `value`, seen through Identity nodes
+    (TorchScript inserts them between de-duplicated tensors); None if not constant."""
+    node = value.producer() if value is not None else None
+    while node is not None and node.op_type == "Identity" and node.inputs and node.inputs[0] is not None:
+        value = node.inputs[0]
+        node = value.producer()
+    if value is None:
+        return None
+    if value.const_value is not None or (node is not None and node.op_type == "Constant" and node.domain == ""):
+        return value
+    return None
+
+
 def const_value(value: ir.Value | None) -> np.ndarray | None:
-    """The array behind an initializer or a Constant node's output, else None."""
+    """The array behind a constant tensor, else None."""
+    value = const_source(value)
     if value is None:
         return None
     if value.const_value is not None:
         return value.const_value.numpy()
     node = value.producer()
-    if node is not None and node.op_type == "Constant" and node.domain == "":
-        attr = node.attributes.get("value")
-        if attr is not None:
-            return attr.value.numpy()
-        for name in ("value_float", "value_int"):
-            if name in node.attributes:
-                return np.array(node.attributes[name].value)
-        for name in ("value_floats", "value_ints"):
-            if name in node.attributes:
-                return np.array(list(node.attributes[name].value))
+    attr = node.attributes.get("value")
+    if attr is not None:
+        return attr.value.numpy()
+    for name in ("value_float", "value_int"):
+        if name in node.attributes:
+            return np.array(node.attributes[name].value)
+    for name in ("value_floats", "value_ints"):
+        if name in node.attributes:
+            return np.array(list(node.attributes[name].value))
     return None
 
 
 def is_const(value: ir.Value | None) -> bool:
-    return value is not None and (
-        value.const_value is not None
-        or (value.producer() is not None and value.producer().op_type == "Constant")
-    )
+    return const_source(value) is not None
 
 
 def attr(node: ir.Node, name: str, default=None):

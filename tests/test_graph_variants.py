@@ -1,0 +1,164 @@
+"""Graph forms the exporters produce (or could): each is rewritten exactly or left alone.
+
+Variants are made by editing a real export: a tied unembedding read through a Transpose,
+Gemm weights stored [out, in] with transB=1, one scale initializer shared by every
+LayerNorm, Identity nodes between shared tensors, and an initializer that is also read
+outside any rewrite.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from helpers import feeds, logits_gap, run
+from lensgraph import VerificationError, match
+from lensgraph.anatomy import analyse
+from lensgraph.model import LensModel
+from lensgraph.pipeline import Pass, PassManager, PassResult
+from lensgraph.process import process
+from lensgraph.weights import LinearWeights
+
+
+def edited(src: str, dst, edit) -> str:
+    model = onnx.load(src)
+    edit(model.graph)
+    del model.graph.value_info[:]  # shapes recorded before the edit may no longer hold
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(dst))
+    return str(dst)
+
+
+def _inits(graph):
+    return {i.name: i for i in graph.initializer}
+
+
+def tie_unembed_through_transpose(graph):
+    """lm_head reads the embedding table itself, through a Transpose (dynamo's tied form)."""
+    inits = _inits(graph)
+    unembed = next(n for n in graph.node if "logits" in n.output)
+    gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+                  and numpy_helper.to_array(inits[n.input[0]]).shape[0] == 96)
+    table = numpy_helper.to_array(inits[gather.input[0]])
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[unembed.input[1]]), table.T)
+    graph.initializer.remove(inits[unembed.input[1]])
+    graph.node.insert(0, helper.make_node("Transpose", [gather.input[0]], ["tied_unembed"], perm=[1, 0],
+                                          name="tied_transpose"))
+    unembed.input[1] = "tied_unembed"
+
+
+def gemm_weights_out_in(graph):
+    """Every Gemm stores its weight [out, in] and sets transB=1 (as for nn.Linear)."""
+    inits = _inits(graph)
+    for node in graph.node:
+        if node.op_type == "Gemm":
+            init = inits[node.input[1]]
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).T.copy(), init.name))
+            for attr in [a for a in node.attribute if a.name == "transB"]:
+                node.attribute.remove(attr)
+            node.attribute.append(helper.make_attribute("transB", 1))
+
+
+def share_norm_scales(graph):
+    """One scale initializer for every LayerNorm (dynamo de-duplicates equal tensors)."""
+    norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
+    for n in norms[1:]:
+        n.input[1] = norms[0].input[1]
+    keep = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in keep]:
+        graph.initializer.remove(init)
+
+
+def identities_between_shared(graph):
+    """TorchScript inserts Identity nodes between a de-duplicated tensor and its users."""
+    inits = _inits(graph)
+    for k, node in enumerate([n for n in graph.node if n.op_type in ("LayerNormalization", "Gemm")]):
+        for idx in (1, 2):
+            name = node.input[idx]
+            if name in inits:
+                graph.node.insert(0, helper.make_node("Identity", [name], [f"{name}_id{k}"], name=f"id_{k}_{idx}"))
+                node.input[idx] = f"{name}_id{k}"
+
+
+def scale_also_read_outside(graph):
+    """The first LayerNorm's scale is also a graph output's source: it must stay as it was."""
+    norm = next(n for n in graph.node if n.op_type == "LayerNormalization")
+    graph.node.append(helper.make_node("Mul", [norm.input[1], norm.input[1]], ["scale_squared"], name="outside"))
+    graph.output.append(helper.make_tensor_value_info("scale_squared", onnx.TensorProto.FLOAT, [32]))
+
+
+VARIANTS = {
+    "tied_transpose": tie_unembed_through_transpose,
+    "gemm_transB": gemm_weights_out_in,
+    "shared_norm_scale": share_norm_scales,
+    "identity_shared": identities_between_shared,
+    "read_outside": scale_also_read_outside,
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_is_processed_exactly(gpt2_exports, tmp_path, variant):
+    src = edited(gpt2_exports["torchscript17"] if variant == "tied_transpose" else gpt2_exports["dynamo"],
+                 tmp_path / "in.onnx", VARIANTS[variant])
+    out = tmp_path / "out.onnx"
+    report = process(src, out)
+    counts = {p["name"]: (p["matched"], p["rewritten"]) for p in report["passes"]}
+    assert counts == {"fold_ln": (5, 5), "center_writing_weights": (6, 6), "center_unembed": (1, 1),
+                      "fold_value_biases": (2, 2)}
+    assert report["verification"]["ok"]
+    assert logits_gap(src, str(out)) < 1e-5
+    onnx.checker.check_model(str(out), full_check=True)
+    model = LensModel.load(out)
+    anatomy = analyse(model.graph)
+    for norm in anatomy.norms:
+        assert np.all(model.weights.read(norm.scale[0].inputs[norm.scale[1]]) == 1.0)
+
+
+def test_tied_embedding_is_untied(gpt2_exports, tmp_path):
+    src = edited(gpt2_exports["torchscript17"], tmp_path / "tied.onnx", tie_unembed_through_transpose)
+    before = LensModel.load(src)
+    a0 = analyse(before.graph)
+    embed = next(w for w in a0.writers if w.role == "embed")
+    assert match.back(embed.node.inputs[0])[0] is a0.unembed.source  # one tensor, two readers
+    out = tmp_path / "out.onnx"
+    process(src, out)
+    after = LensModel.load(out)
+    a1 = analyse(after.graph)
+    embed = next(w for w in a1.writers if w.role == "embed")
+    table = after.weights.read(embed.node.inputs[0])
+    w_u = LinearWeights(after.weights).weight(a1.unembed)
+    assert a1.unembed.source is not embed.node.inputs[0]
+    assert np.abs(table.mean(axis=1)).max() < 1e-6  # centred over d_model as an embedding
+    assert np.abs(w_u.mean(axis=1)).max() < 1e-6  # centred over vocab as an unembedding
+    assert not np.allclose(table.T, w_u, atol=1e-3)
+
+
+def test_initializer_read_outside_a_rewrite_is_copied(gpt2_exports, tmp_path):
+    src = edited(gpt2_exports["dynamo"], tmp_path / "in.onnx", scale_also_read_outside)
+    out = tmp_path / "out.onnx"
+    process(src, out)
+    x = feeds()
+    before, after = run(src, x)["scale_squared"], run(str(out), x)["scale_squared"]
+    np.testing.assert_array_equal(before, after)
+    assert not np.allclose(before, 1.0)
+
+
+class BreakUnembed(Pass):
+    """A deliberately wrong rewrite: verification must catch it."""
+
+    name = "break_unembed"
+
+    def run(self, model, anatomy):
+        linear = LinearWeights(model.weights)
+        w = linear.weight(anatomy.unembed)
+        linear.set_weight(anatomy.unembed, w + np.random.default_rng(0).normal(0, 0.1, w.shape))
+        return PassResult(self.name, matched=1, rewritten=1, modified=True)
+
+
+def test_failed_verification_writes_nothing(gpt2_exports, tmp_path):
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(VerificationError, match=r"break_unembed.*worst difference .* exceeds"):
+        process(gpt2_exports["dynamo"], out, passes=PassManager([BreakUnembed()]))
+    assert list(tmp_path.iterdir()) == []
