@@ -123,13 +123,17 @@ class Writer:
 
 @dataclass(eq=False)
 class Attention:
-    """The V->O path of one attention block: b_V can move into b_O."""
+    """The V->O path of one attention block: softmax(...) @ V, re-laid out, read by O.
+
+    Which of V's output columns feed which of O's input rows (heads, grouped heads,
+    columns interleaved per head) is measured by `probe.value_index`, not assumed.
+    """
 
     layer: int | None
     v: Linear
-    v_cols: tuple[int, int]  # columns of v's output that are the values
     o: Linear
-    n_groups: int = 1  # query heads per key/value head
+    pv: ir.Node  # the probabilities @ values MatMul
+    n_groups: int = 1  # query heads per value head, where q/k/v are separate maps
     blocker: str | None = None
 
 
@@ -345,50 +349,26 @@ def _find_attention(anatomy: Anatomy) -> None:
             anatomy.notes.append(f"attention {o.name}: {att}")
 
 
+VALUE_PATH_OPS = LAYOUT_OPS | {"Expand", "Slice", "Split"}
+
+
 def _value_source(pv: ir.Node, o: Linear) -> Attention | str:
-    v, _ = match.back(pv.inputs[1], LAYOUT_OPS | {"Expand"})
-    node = v.producer()
-    cols = None
-    if node is not None and node.op_type == "Split":
-        k = list(node.outputs).index(v)
-        sizes = _split_sizes(node)
-        if sizes is None or not match.is_last_axis([match.attr(node, "axis", 0)], node.inputs[0]):
-            return "value Split is not along the last axis"
-        start = int(sum(sizes[:k]))
-        cols = (start, start + int(sizes[k]))
-        values_out = node.outputs[k]
-        v, _ = match.back(node.inputs[0])
-    else:
-        values_out = v
+    """Walk from the attention product back to the linear map that makes the values."""
+    v, passed = match.back(pv.inputs[1], VALUE_PATH_OPS)
     lin = linear_producing(v)
     if lin is None:
-        return "value projection is not a linear map"
-    if cols is None:
-        cols = (0, lin.d_out)
-    uses, _ = match.forward(values_out, LAYOUT_OPS | {"Expand"})
-    if any(n is not pv for n, _, _ in uses):
-        return "values are read outside the attention product"
-    n_values = cols[1] - cols[0]
-    if o.d_in % n_values:
-        return f"output projection reads {o.d_in} features from {n_values} values"
+        node = v.producer()
+        return f"values come from {node.op_type if node else 'a graph input'}, not a linear map"
+    # Everything between the values' own slice and the product must serve only this product
+    # (a KV-cache output may also read it).
+    for node in passed:
+        if node.op_type in ("Slice", "Split"):
+            break
+        if any(n is not pv and n not in passed for n, _ in match.value_uses(node.outputs[0])):
+            return f"values at {node.name} are also read outside the attention product"
     lin.layer = layer_of(lin.node)
-    att = Attention(layer=o.layer, v=lin, v_cols=cols, o=o, n_groups=o.d_in // n_values)
-    if att.n_groups != 1:
-        att.blocker = f"grouped values ({att.n_groups} query heads per value head)"
-    return att
-
-
-def _split_sizes(node: ir.Node) -> list[int] | None:
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        sizes = match.const_value(node.inputs[1])
-        return None if sizes is None else [int(s) for s in np.asarray(sizes).reshape(-1)]
-    if match.attr(node, "split") is not None:
-        return [int(s) for s in match.attr(node, "split")]
-    src = linear_producing(match.back(node.inputs[0])[0])
-    n = len(node.outputs)
-    if src is not None and src.d_out % n == 0:
-        return [src.d_out // n] * n
-    return None
+    groups = o.d_in // lin.d_out if lin.d_out < o.d_in and o.d_in % lin.d_out == 0 else 1
+    return Attention(layer=o.layer, v=lin, o=o, pv=pv, n_groups=groups)
 
 
 # -- layers --------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def describe(model: LensModel, anatomy: Anatomy | None = None) -> dict:
         ),
         "unembed_skipped": a.unembed_blocker,
         "attention": [
-            {"layer": t.layer, "v": t.v.name, "v_columns": list(t.v_cols), "o": t.o.name,
+            {"layer": t.layer, "v": t.v.name, "o": t.o.name,
              "query_heads_per_value_head": t.n_groups, "skipped": t.blocker}
             for t in a.attention
         ],
@@ -71,8 +71,9 @@ def as_text(info: dict) -> str:
     lines.append(f"attention V->O: {len(info['attention'])} blocks")
     for t in info["attention"]:
         extra = f" (skipped: {t['skipped']})" if t["skipped"] else ""
-        cols = t["v_columns"]
-        lines.append(f"  [{_layer(t['layer'])}] V {t['v']}[:, {cols[0]}:{cols[1]}] -> O {t['o']}{extra}")
+        groups = t["query_heads_per_value_head"]
+        grouped = f" ({groups} query heads per value head)" if groups > 1 else ""
+        lines.append(f"  [{_layer(t['layer'])}] V {t['v']} -> O {t['o']}{grouped}{extra}")
     for note in info["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -99,8 +99,11 @@ class Runner:
         return int(self.run(self.feeds(1, 1, 1, rng)).shape[-1])
 
     def run(self, feeds: dict) -> np.ndarray:
+        return self.run_many([self.output], feeds)[0]
+
+    def run_many(self, names: list[str], feeds: dict) -> list[np.ndarray]:
         try:
-            return self.session.run([self.output], feeds)[0]
+            return self.session.run(names, feeds)
         except Exception as exc:
             raise BadInputError(f"{self.label}: onnxruntime failed to run it ({str(exc).splitlines()[0][:300]})") from exc
 

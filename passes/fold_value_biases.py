@@ -3,11 +3,13 @@
 Attention rows sum to 1, so softmax(...) @ (x W_V + b_V) = softmax(...) @ x W_V + b_V;
 through the output projection that constant becomes b_V @ W_O:
 b_O' = b_O + b_V @ W_O (per head, value heads repeated for grouped attention), b_V' = 0.
+Which value column feeds which row of W_O is measured by `lensgraph.probe`.
 """
 
 import numpy as np
 
 from lensgraph.pipeline import Pass, PassResult, check, register
+from lensgraph.probe import value_index
 from lensgraph.weights import LinearWeights
 
 
@@ -21,31 +23,30 @@ class FoldValueBiases(Pass):
     def run(self, model, anatomy) -> PassResult:
         result = PassResult(self.name)
         linear = LinearWeights(model.weights)
+        todo = []
         for att in anatomy.attention:
             result.matched += 1
             what = f"layer {att.layer} attention ({att.o.name})"
             if att.blocker:
                 result.skip(what, att.blocker)
-                continue
-            start, stop = att.v_cols
-            v_bias = linear.bias(att.v)
-            b_v = v_bias[start:stop]
-            if not np.any(b_v):
+            elif att.v.bias is None or not np.any(linear.bias(att.v)):
                 result.skip(what, "value bias is already zero")
+            else:
+                todo.append((what, att))
+        indices = value_index(model, [att for _, att in todo]) if todo else []
+        for (what, att), index in zip(todo, indices):
+            if isinstance(index, str):
+                result.skip(what, index)
                 continue
-            o_bias = linear.bias(att.o) + b_v @ linear.weight(att.o)
-            linear.set_bias(att.o, o_bias)
-            v_bias[start:stop] = 0.0
+            v_bias = linear.bias(att.v)
+            b_v = v_bias[index]  # the value bias as the output projection sees it
+            linear.set_bias(att.o, linear.bias(att.o) + b_v @ linear.weight(att.o))
+            columns = np.unique(index)
+            v_bias[columns] = 0.0
             linear.set_bias(att.v, v_bias)
+            check(not np.any(linear.bias(att.v)[columns]), f"value bias left in {att.v.name}")
             model.tag(att.o.node, self.name, self.formula)
-            model.tag(att.v.node, self.name, f"b_V = 0 (columns {start}:{stop})")
+            model.tag(att.v.node, self.name, f"b_V = 0 ({columns.size} value columns)")
             result.rewritten += 1
         result.modified = result.rewritten > 0
         return result
-
-    def ensures(self, model, anatomy) -> None:
-        linear = LinearWeights(model.weights)
-        for att in anatomy.attention:
-            if att.blocker is None:
-                start, stop = att.v_cols
-                check(not np.any(linear.bias(att.v)[start:stop]), f"value bias left in {att.v.name}")

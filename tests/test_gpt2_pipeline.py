@@ -93,16 +93,16 @@ def test_writing_weights_and_unembed_are_centred(processed):
 
 
 def test_value_biases_moved_into_output_bias(processed):
-    _, rewritten, _ = processed
-    model = LensModel.load(rewritten)
-    anatomy = analyse(model.graph)
-    linear = LinearWeights(model.weights)
-    assert len(anatomy.attention) == 2
-    for att in anatomy.attention:
-        start, stop = att.v_cols
-        assert (start, stop) == (64, 96)  # GPT-2's c_attn: q | k | v
-        assert not np.any(linear.bias(att.v)[start:stop])
-        assert np.any(linear.bias(att.v)[:start])  # q and k biases stay
+    original, rewritten, _ = processed
+    before, after = LensModel.load(original), LensModel.load(rewritten)
+    a0, a1 = analyse(before.graph), analyse(after.graph)
+    assert len(a1.attention) == 2
+    for att0, att1 in zip(a0.attention, a1.attention):
+        b0 = LinearWeights(before.weights).bias(att0.v)
+        b1 = LinearWeights(after.weights).bias(att1.v)
+        assert not np.any(b1[64:96])  # GPT-2's c_attn: q | k | v, v in the last third
+        assert np.any(b0[64:96])
+        assert np.any(b1[:64])  # q and k biases stay
 
 
 @pytest.mark.parametrize("n", range(1, len(DEFAULT_PIPELINE) + 1))
