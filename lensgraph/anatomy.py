@@ -146,6 +146,7 @@ class Anatomy:
     unembed: Linear | None = None
     unembed_blocker: str | None = None
     final_norm: Norm | None = None
+    post_norm: bool = False  # a norm's output is a term of the residual stream (BERT, OPT-350m)
     attention: list[Attention] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -231,24 +232,24 @@ def _find_stream(anatomy: Anatomy, order: dict) -> None:
     if not norms:
         return
     roots: dict[int, ir.Value] = {}
-    for norm in norms:
-        root, _ = match.back(norm.input)
-        roots.setdefault(id(root), root)
-    anatomy.stream = sorted(roots.values(), key=lambda v: order.get(id(v.producer()), -1))
     sums: dict[int, ir.Value] = {}  # every value that is (a copy of) a partial stream sum
+    for norm in norms:
+        root, passed = match.back(norm.input)
+        roots.setdefault(id(root), root)
+        for v in [norm.input] + [p.inputs[0] for p in passed]:
+            sums[id(v)] = v  # copies of the stream on the way to the norm (Cast, 2-D Reshape)
+    anatomy.stream = sorted(roots.values(), key=lambda v: order.get(id(v.producer()), -1))
     leaves: list[ir.Value] = []
 
     def walk(value: ir.Value, root: ir.Value) -> None:
         source, passed = match.back(value)
         chain = [value] + [p.inputs[0] for p in passed]
+        for v in chain:
+            sums[id(v)] = v
         if source is not root and id(source) in roots:
-            for v in chain:
-                sums[id(v)] = v
             return
         node = source.producer()
         if node is not None and node.op_type == "Add" and node.domain == "" and len(node.inputs) == 2:
-            for v in chain:
-                sums[id(v)] = v
             walk(node.inputs[0], root)
             walk(node.inputs[1], root)
         else:
@@ -256,6 +257,8 @@ def _find_stream(anatomy: Anatomy, order: dict) -> None:
 
     for root in anatomy.stream:
         walk(root, root)
+    norm_outputs = {id(n.output) for n in norms}
+    anatomy.post_norm = any(id(match.back(leaf)[0]) in norm_outputs for leaf in leaves)
 
     blockers = []
     centring_entries = {id(n) for norm in norms if norm.centring for n in norm.entry_nodes}
@@ -292,6 +295,7 @@ def _writer(leaf: ir.Value, d_model: int | None, sums: dict) -> Writer | None:
     exclusive = all(
         len(match.value_uses(v)) == 1 and not v.is_graph_output()
         for v in [source] + [p.outputs[0] for p in passed]
+        if id(v) not in sums
     )
     node = source.producer()
     add_use = [(n, i) for n, i in match.value_uses(leaf) if id(n.outputs[0]) in sums]
@@ -304,6 +308,13 @@ def _writer(leaf: ir.Value, d_model: int | None, sums: dict) -> Writer | None:
         return Writer("other", "other", source.name, add_use[0][0] if add_use else None, 0,
                       blocker=f"stream term {source.name} is a graph input, not a constant table")
     writer = None
+    if node.op_type == "Mul" and len(node.inputs) == 2:
+        for idx in (0, 1):
+            factor = match.const_value(node.inputs[1 - idx])
+            inner = match.back(node.inputs[idx])[0].producer() if node.inputs[idx] is not None else None
+            if factor is not None and factor.size == 1 and inner is not None and inner.op_type == "Gather":
+                node = inner  # a scaled embedding: centring commutes with the scalar
+                break
     if node.op_type in LINEAR_OPS:
         lin = as_linear(node)
         if isinstance(lin, Linear):

@@ -4,6 +4,10 @@
     decomposed    X ─┬─ ReduceMean ─┐
                      └──────────── Sub ─┬─ Pow(2) ─ ReduceMean ─ Add(eps) ─ Sqrt ─┐
                                         └────────────────────────────────────── Div ─ Mul(scale) ─ Add(bias)
+    RMSNormalization(X, scale)   (opset 23)
+    decomposed RMS  X ─┬─ Pow(2) ─ ReduceMean ─ Add(eps) ─ Sqrt ─ Reciprocal | Div(1, .) ─┐
+                       └────────────────────────────────────────────────────────────── Mul ─ [Cast] ─ Mul(scale)
+                    (or Div(X, Sqrt) directly; Gemma's scale is already 1 + w)
 
 Each match gives the tensor normalised, the output after scale and bias, where the
 scale and bias constants sit (node, input index), and the nodes that read the input
@@ -49,8 +53,12 @@ def find_norms(graph: ir.Graph) -> list[Norm]:
             continue
         if node.op_type == "LayerNormalization":
             norm = _fused_layernorm(node)
+        elif node.op_type == "RMSNormalization":
+            norm = _fused_rmsnorm(node)
         elif node.op_type == "Div":
             norm = _decomposed_layernorm(node)
+        elif node.op_type == "Sqrt":
+            norm = _decomposed_rmsnorm(node)
         else:
             norm = None
         if norm is not None:
@@ -129,22 +137,7 @@ def _decomposed_layernorm(div: ir.Node) -> Norm | None:
     if exponent is None or float(np.asarray(exponent).reshape(-1)[0]) != 2.0:
         return None
     nodes = [mean, sub, power, var, add_eps, sqrt, div]
-    out, scale, bias = div.outputs[0], None, None
-    d_model = _last_dim(x)
-    step = match.single_use(out)
-    if step is not None and step[0].op_type == "Mul":
-        mul, idx = step
-        w = _vector(match.other_input(mul, idx))
-        if w is not None and w.ndim >= 1 and w.size == w.shape[-1]:
-            scale, out, d_model = (mul, 1 - idx), mul.outputs[0], int(w.size)
-            nodes.append(mul)
-            step = match.single_use(out)
-            if step is not None and step[0].op_type == "Add":
-                add, idx = step
-                b = _vector(match.other_input(add, idx))
-                if b is not None and b.ndim >= 1 and b.size == d_model:
-                    bias, out = (add, 1 - idx), add.outputs[0]
-                    nodes.append(add)
+    out, scale, bias, d_model = _scale_and_bias(div.outputs[0], nodes, _last_dim(x), with_bias=True)
     if d_model is None:
         return None
     entry = [u.node for u in x.uses() if u.node in (mean, sub)]
@@ -160,6 +153,113 @@ def _decomposed_layernorm(div: ir.Node) -> Norm | None:
         eps=float(np.asarray(eps).reshape(-1)[0]),
         scale=scale,
         bias=bias,
+    )
+
+
+def _scale_and_bias(out: ir.Value, nodes: list, d_model, with_bias: bool):
+    """The optional Mul(scale) and Add(bias) after a normaliser (through a float Cast)."""
+    scale = bias = None
+    step = match.single_use(out)
+    if step is not None and step[0].op_type == "Cast" and match.is_noop(step[0]):
+        cast = step[0]
+        later = match.single_use(cast.outputs[0])
+        if later is not None and later[0].op_type == "Mul":
+            nodes.append(cast)
+            out, step = cast.outputs[0], later
+    if step is not None and step[0].op_type == "Mul":
+        mul, idx = step
+        w = _vector(match.other_input(mul, idx))
+        if w is not None and w.ndim >= 1 and w.size == w.shape[-1] and (d_model is None or w.size == d_model):
+            scale, out, d_model = (mul, 1 - idx), mul.outputs[0], int(w.size)
+            nodes.append(mul)
+            step = match.single_use(out)
+            if with_bias and step is not None and step[0].op_type == "Add":
+                add, idx = step
+                b = _vector(match.other_input(add, idx))
+                if b is not None and b.ndim >= 1 and b.size == d_model:
+                    bias, out = (add, 1 - idx), add.outputs[0]
+                    nodes.append(add)
+    return out, scale, bias, d_model
+
+
+def _fused_rmsnorm(node: ir.Node) -> Norm | None:
+    x = node.inputs[0]
+    if match.attr(node, "axis", -1) != -1 and not match.is_last_axis([match.attr(node, "axis")], x):
+        return None
+    scale = _vector(node.inputs[1])
+    if scale is None:
+        return None
+    return Norm(
+        name=node.name or node.outputs[0].name,
+        kind="rmsnorm",
+        form="RMSNormalization",
+        input=x,
+        output=node.outputs[0],
+        entry_nodes=[node],
+        nodes=[node],
+        d_model=int(scale.size),
+        eps=float(match.attr(node, "epsilon", 1e-5)),
+        scale=(node, 1),
+    )
+
+
+def _decomposed_rmsnorm(sqrt: ir.Node) -> Norm | None:
+    add_eps = _producer(sqrt.inputs[0], "Add")
+    if add_eps is None:
+        return None
+    var_idx = 0 if match.const_value(add_eps.inputs[1]) is not None else 1
+    eps = match.const_value(add_eps.inputs[1 - var_idx])
+    var = add_eps.inputs[var_idx].producer()
+    if eps is None or not _mean_last(var):
+        return None
+    power = _producer(var.inputs[0], "Pow")
+    if power is None:
+        return None
+    x = power.inputs[0]
+    exponent = match.const_value(power.inputs[1])
+    if exponent is None or float(np.asarray(exponent).reshape(-1)[0]) != 2.0:
+        return None
+    if _producer(x, "Sub") is not None:
+        return None  # the mean was removed first: a LayerNorm, matched from its Div
+    nodes = [power, var, add_eps, sqrt]
+    normalised = None
+    uses = match.value_uses(sqrt.outputs[0])
+    if len(uses) != 1:
+        return None
+    step, idx = uses[0]
+    if step.op_type == "Div" and idx == 1 and step.inputs[0] is x:
+        normalised = step
+    else:
+        if step.op_type == "Reciprocal":
+            inv = step
+        elif step.op_type == "Div" and idx == 1:
+            one = match.const_value(step.inputs[0])
+            if one is None or one.size != 1 or float(one.reshape(-1)[0]) != 1.0:
+                return None
+            inv = step
+        else:
+            return None
+        nodes.append(inv)
+        use = match.single_use(inv.outputs[0])
+        if use is None or use[0].op_type != "Mul" or match.other_input(*use) is not x:
+            return None
+        normalised = use[0]
+    nodes.append(normalised)
+    out, scale, _, d_model = _scale_and_bias(normalised.outputs[0], nodes, _last_dim(x), with_bias=False)
+    if d_model is None:
+        return None
+    entry = [u.node for u in x.uses() if u.node in (power, normalised)]
+    return Norm(
+        name=_scope(sqrt.name) or sqrt.name,
+        kind="rmsnorm",
+        form="decomposed",
+        input=x,
+        output=out,
+        entry_nodes=entry,
+        nodes=nodes,
+        d_model=d_model,
+        eps=float(np.asarray(eps).reshape(-1)[0]),
+        scale=scale,
     )
 
 

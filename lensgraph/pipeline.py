@@ -53,6 +53,10 @@ class Pass:
     summary: ClassVar[str] = ""
 
     def requires(self, model: LensModel, anatomy: Anatomy) -> str | None:
+        """Why this pass cannot run on this model at all, or None."""
+        if anatomy.post_norm:
+            return ("post-norm model: norm outputs are terms of the residual stream, "
+                    "which TransformerLens's weight processing does not cover")
         return None
 
     def run(self, model: LensModel, anatomy: Anatomy) -> PassResult:

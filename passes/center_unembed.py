@@ -17,6 +17,9 @@ class CenterUnembed(Pass):
     formula = "W_U -= mean(W_U, axis=vocab); b_U -= mean(b_U)"
 
     def requires(self, model, anatomy):
+        reason = super().requires(model, anatomy)
+        if reason:
+            return reason
         if anatomy.unembed is None:
             return anatomy.unembed_blocker or "no unembedding found"
         return None

@@ -22,6 +22,9 @@ class CenterWritingWeights(Pass):
     formula = "W -= mean(W, axis=d_model); b -= mean(b)"
 
     def requires(self, model, anatomy):
+        reason = super().requires(model, anatomy)
+        if reason:
+            return reason
         if not anatomy.stream:
             return "no residual stream read by a norm was found"
         return anatomy.stream_blocker
