@@ -8,6 +8,7 @@ prove is left out with a reason, and the passes skip it.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 
@@ -119,6 +120,7 @@ class Writer:
     linear: Linear | None = None
     layer: int | None = None
     blocker: str | None = None
+    step: int | None = None  # which stream tensor it is added into (same step: parallel block)
 
 
 @dataclass(eq=False)
@@ -169,7 +171,7 @@ def analyse(graph: ir.Graph) -> Anatomy:
     _find_unembed(graph, anatomy)
     _find_stream(anatomy, order)
     _find_attention(anatomy)
-    _number_layers(anatomy)
+    _number_layers(anatomy, order)
     return anatomy
 
 
@@ -240,6 +242,7 @@ def _find_stream(anatomy: Anatomy, order: dict) -> None:
             sums[id(v)] = v  # copies of the stream on the way to the norm (Cast, 2-D Reshape)
     anatomy.stream = sorted(roots.values(), key=lambda v: order.get(id(v.producer()), -1))
     leaves: list[ir.Value] = []
+    norm_outputs = {id(n.output) for n in norms}
 
     def walk(value: ir.Value, root: ir.Value) -> None:
         source, passed = match.back(value)
@@ -249,15 +252,19 @@ def _find_stream(anatomy: Anatomy, order: dict) -> None:
         if source is not root and id(source) in roots:
             return
         node = source.producer()
-        if node is not None and node.op_type == "Add" and node.domain == "" and len(node.inputs) == 2:
+        is_sum = node is not None and node.op_type == "Add" and node.domain == "" and len(node.inputs) == 2
+        if is_sum and id(source) not in norm_outputs:  # a decomposed norm ends in its bias Add
             walk(node.inputs[0], root)
             walk(node.inputs[1], root)
         else:
             leaves.append(value)
+            step[id(value)] = len(done)
 
+    step: dict[int, int] = {}  # leaf -> index of the stream tensor it is first added into
+    done: list = []
     for root in anatomy.stream:
         walk(root, root)
-    norm_outputs = {id(n.output) for n in norms}
+        done.append(root)
     anatomy.post_norm = any(id(match.back(leaf)[0]) in norm_outputs for leaf in leaves)
 
     blockers = []
@@ -279,6 +286,7 @@ def _find_stream(anatomy: Anatomy, order: dict) -> None:
         writer = _writer(leaf, anatomy.d_model, sums)
         if writer is None:
             continue
+        writer.step = step.get(id(leaf))
         if writer.linear is not None and writer.linear.bias is not None:
             linear_biases.add(id(writer.linear.bias[0]))
         anatomy.writers.append(writer)
@@ -395,9 +403,34 @@ def layer_of(node: ir.Node) -> int | None:
     return None
 
 
-def _number_layers(anatomy: Anatomy) -> None:
-    """Where names gave no layer, number attention blocks (and their writers) in order."""
-    if all(a.layer is not None for a in anatomy.attention):
+def _number_layers(anatomy: Anatomy, order: dict) -> None:
+    """Where names and metadata give no layer, number the blocks by graph order.
+
+    Attention blocks are numbered in order; a norm read by an attention block's value map
+    gets that block's layer; any other norm or writer belongs to the last attention block
+    before it (its MLP half). The final norm has no layer.
+    """
+    named = [n.layer for n in anatomy.norms if n is not anatomy.final_norm] + [a.layer for a in anatomy.attention]
+    if all(layer is not None for layer in named):
         return
-    for i, att in enumerate(anatomy.attention):
-        att.layer = att.layer if att.layer is not None else i
+    blocks = sorted(anatomy.attention, key=lambda a: order[id(a.o.node)])
+    starts = [order[id(a.o.node)] for a in blocks]
+    for i, att in enumerate(blocks):
+        att.layer = att.o.layer = att.v.layer = i
+
+    def after_attention(node) -> int:
+        return max(bisect.bisect_left(starts, order[id(node)]) - 1, 0)
+
+    by_v = {id(a.v.node): a.layer for a in blocks}
+    for norm in anatomy.norms:
+        if norm is anatomy.final_norm:
+            norm.layer = None
+            continue
+        layers = [by_v[id(r.node)] for r in norm.readers if id(r.node) in by_v]
+        norm.layer = layers[0] if layers else after_attention(norm.nodes[0])
+        for r in norm.readers:
+            r.layer = norm.layer
+    for writer in anatomy.writers:
+        if writer.kind == "linear":
+            att = next((a for a in blocks if a.o is writer.linear or a.o.node is writer.node), None)
+            writer.layer = writer.linear.layer = att.layer if att else after_attention(writer.node)

@@ -12,6 +12,7 @@ def describe(model: LensModel, anatomy: Anatomy | None = None) -> dict:
     a = anatomy or analyse(model.graph)
     return {
         "applied": model.applied,
+        "traits": traits(a),
         "d_model": a.d_model,
         "norms": [
             {
@@ -46,11 +47,45 @@ def describe(model: LensModel, anatomy: Anatomy | None = None) -> dict:
     }
 
 
+def traits(a: Anatomy) -> dict:
+    """The family traits that decide what can be rewritten."""
+    roles_by_step: dict = {}
+    for w in a.writers:
+        roles_by_step.setdefault(w.step, set()).add(w.role)
+    parallel = any({"attn_out", "mlp_out"} <= roles for roles in roles_by_step.values())
+    groups = sorted({t.n_groups for t in a.attention})
+    return {
+        "layers": len(a.attention),
+        "norms": sorted({f"{n.kind} ({n.form})" for n in a.norms}),
+        "post_norm": a.post_norm,
+        "parallel_block": parallel,
+        "query_heads_per_value_head": groups[-1] if groups else None,
+        "tied_embedding_shared": _tied(a),
+    }
+
+
+def _tied(a: Anatomy) -> bool:
+    from . import match
+
+    if a.unembed is None:
+        return False
+    tables = [match.back(w.node.inputs[w.idx], {"Identity"})[0] for w in a.writers if w.role == "embed"]
+    return any(t is a.unembed.source for t in tables)
+
+
 def as_text(info: dict) -> str:
     lines = [f"applied passes: {', '.join(info['applied']) or 'none'}"]
     if not info["norms"] and not info["unembed"]:
         lines.append("no transformer anatomy found: nothing to rewrite")
         return "\n".join(lines)
+    t = info["traits"]
+    shape = ["post-norm" if t["post_norm"] else "pre-norm",
+             "parallel attention+MLP" if t["parallel_block"] else "sequential blocks"]
+    if t["query_heads_per_value_head"] and t["query_heads_per_value_head"] > 1:
+        shape.append(f"grouped-query attention ({t['query_heads_per_value_head']} query heads per value head)")
+    if t["tied_embedding_shared"]:
+        shape.append("embedding and unembedding share one tensor")
+    lines.append(f"family traits: {t['layers']} layers; {', '.join(t['norms'])}; {'; '.join(shape)}")
     lines.append(f"d_model: {info['d_model']}")
     kinds = ", ".join(f"{k} x{v}" for k, v in info["norm_kinds"].items())
     lines.append(f"norms: {len(info['norms'])} ({kinds})")
