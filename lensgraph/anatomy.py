@@ -21,6 +21,7 @@ from .norms import Norm, find_norms
 LINEAR_OPS = {"MatMul", "Gemm"}
 WEIGHT_PATH_OPS = {"Identity", "Cast", "Transpose"}
 LAYOUT_OPS = match.ROW_NOOPS | {"Transpose"}
+BIAS_ACTIVATIONS = {"FastGelu", "BiasGelu"}  # onnxruntime ops computing act(x + bias)
 
 
 # -- linear maps -------------------------------------------------------------------------
@@ -87,6 +88,10 @@ def as_linear(node: ir.Node) -> Linear | str:
             c = match.const_value(match.other_input(add, idx))
             if c is not None and c.size == d_out and c.shape[-1] == d_out:
                 lin.bias = (add, 1 - idx)
+        elif use is not None and use[0].op_type in BIAS_ACTIVATIONS and use[1] == 0:
+            c = match.const_value(use[0].inputs[1]) if len(use[0].inputs) > 1 else None
+            if c is not None and c.size == d_out:
+                lin.bias = (use[0], 1)  # onnxruntime moved the bias into the activation
     return lin
 
 
@@ -235,16 +240,20 @@ def _find_stream(anatomy: Anatomy, order: dict) -> None:
         return
     roots: dict[int, ir.Value] = {}
     sums: dict[int, ir.Value] = {}  # every value that is (a copy of) a partial stream sum
+    fused = {id(n.nodes[0]): n for n in norms if n.terms}  # Skip*Normalization: sum and norm in one
     for norm in norms:
+        if norm.input is None:
+            continue
         root, passed = match.back(norm.input)
         roots.setdefault(id(root), root)
         for v in [norm.input] + [p.inputs[0] for p in passed]:
             sums[id(v)] = v  # copies of the stream on the way to the norm (Cast, 2-D Reshape)
     anatomy.stream = sorted(roots.values(), key=lambda v: order.get(id(v.producer()), -1))
     leaves: list[ir.Value] = []
+    fused_biases: list[Writer] = []
     norm_outputs = {id(n.output) for n in norms}
 
-    def walk(value: ir.Value, root: ir.Value) -> None:
+    def walk(value: ir.Value, root: ir.Value | None) -> None:
         source, passed = match.back(value)
         chain = [value] + [p.inputs[0] for p in passed]
         for v in chain:
@@ -252,6 +261,9 @@ def _find_stream(anatomy: Anatomy, order: dict) -> None:
         if source is not root and id(source) in roots:
             return
         node = source.producer()
+        if node is not None and id(node) in fused and source is fused[id(node)].input:
+            expand(fused[id(node)], root)
+            return
         is_sum = node is not None and node.op_type == "Add" and node.domain == "" and len(node.inputs) == 2
         if is_sum and id(source) not in norm_outputs:  # a decomposed norm ends in its bias Add
             walk(node.inputs[0], root)
@@ -260,11 +272,23 @@ def _find_stream(anatomy: Anatomy, order: dict) -> None:
             leaves.append(value)
             step[id(value)] = len(done)
 
+    def expand(norm, root) -> None:
+        """The addends of a fused residual sum, and its constant."""
+        for term in norm.terms:
+            walk(term, root)
+        if norm.sum_bias is not None:
+            node, idx = norm.sum_bias
+            fused_biases.append(Writer("bias", "bias", node.inputs[idx].name, node, idx, step=len(done)))
+
     step: dict[int, int] = {}  # leaf -> index of the stream tensor it is first added into
     done: list = []
     for root in anatomy.stream:
         walk(root, root)
         done.append(root)
+    for norm in norms:
+        if norm.terms and norm.input is None:  # a fused sum read by nothing else (the last one)
+            expand(norm, None)
+            done.append(norm)
     anatomy.post_norm = any(id(match.back(leaf)[0]) in norm_outputs for leaf in leaves)
 
     blockers = []
@@ -292,7 +316,7 @@ def _find_stream(anatomy: Anatomy, order: dict) -> None:
         anatomy.writers.append(writer)
     anatomy.writers = [
         w for w in anatomy.writers if not (w.kind == "bias" and id(w.node) in linear_biases)
-    ]
+    ] + fused_biases
     for w in anatomy.writers:
         if w.blocker and not anatomy.stream_blocker and w.kind == "other":
             anatomy.stream_blocker = w.blocker

@@ -4,7 +4,10 @@
     decomposed    X ─┬─ ReduceMean ─┐
                      └──────────── Sub ─┬─ Pow(2) ─ ReduceMean ─ Add(eps) ─ Sqrt ─┐
                                         └────────────────────────────────────── Div ─ Mul(scale) ─ Add(bias)
-    RMSNormalization(X, scale)   (opset 23)
+    RMSNormalization(X, scale)   (opset 23), SimplifiedLayerNormalization (onnxruntime)
+    SkipLayerNormalization(x, skip, scale, bias, sum_bias) / SkipSimplifiedLayerNormalization
+                  (onnxruntime's fusion of the residual Add with the next norm: output 0 is
+                  the normalised sum, output 3 the sum itself, i.e. the residual stream)
     decomposed RMS  X ─┬─ Pow(2) ─ ReduceMean ─ Add(eps) ─ Sqrt ─ Reciprocal | Div(1, .) ─┐
                        └────────────────────────────────────────────────────────────── Mul ─ [Cast] ─ Mul(scale)
                     (or Div(X, Sqrt) directly; Gemma's scale is already 1 + w)
@@ -28,8 +31,8 @@ from . import match
 class Norm:
     name: str
     kind: str  # "layernorm" | "rmsnorm"
-    form: str  # "LayerNormalization" | "decomposed"
-    input: ir.Value
+    form: str  # the op it was exported as, or "decomposed"
+    input: ir.Value | None  # the stream tensor it normalises (None: a fused sum nobody else reads)
     output: ir.Value
     entry_nodes: list[ir.Node]
     nodes: list[ir.Node]
@@ -40,6 +43,8 @@ class Norm:
     layer: int | None = None
     readers: list = field(default_factory=list)
     blocker: str | None = None
+    terms: list = field(default_factory=list)  # fused residual sum (Skip*Normalization): its addends
+    sum_bias: tuple[ir.Node, int] | None = None  # and the constant it adds
 
     @property
     def centring(self) -> bool:
@@ -49,11 +54,13 @@ class Norm:
 def find_norms(graph: ir.Graph) -> list[Norm]:
     norms = []
     for node in graph:
-        if node.domain != "":
+        if node.domain == "com.microsoft" and node.op_type in SKIP_FORMS:
+            norm = _skip_norm(node)
+        elif node.domain != "":
             continue
-        if node.op_type == "LayerNormalization":
+        elif node.op_type == "LayerNormalization":
             norm = _fused_layernorm(node)
-        elif node.op_type == "RMSNormalization":
+        elif node.op_type in ("RMSNormalization", "SimplifiedLayerNormalization"):
             norm = _fused_rmsnorm(node)
         elif node.op_type == "Div":
             norm = _decomposed_layernorm(node)
@@ -64,6 +71,39 @@ def find_norms(graph: ir.Graph) -> list[Norm]:
         if norm is not None:
             norms.append(norm)
     return norms
+
+
+SKIP_FORMS = {"SkipLayerNormalization": "layernorm", "SkipSimplifiedLayerNormalization": "rmsnorm"}
+
+
+def _skip_norm(node: ir.Node) -> Norm | None:
+    kind = SKIP_FORMS[node.op_type]
+    if any(out.uses() for out in node.outputs[1:3]) or len(node.inputs) < 3:
+        return None
+    scale = _vector(node.inputs[2])
+    if scale is None:
+        return None
+    inputs = list(node.inputs) + [None] * 5
+    bias_idx, sum_bias_idx = (3, 4) if kind == "layernorm" else (None, 3)
+    for idx in (bias_idx, sum_bias_idx):
+        if idx is not None and inputs[idx] is not None and _vector(inputs[idx]) is None:
+            return None
+    total = node.outputs[3] if len(node.outputs) > 3 and node.outputs[3].name else None
+    return Norm(
+        name=node.name or node.outputs[0].name,
+        kind=kind,
+        form=node.op_type,
+        input=total,
+        output=node.outputs[0],
+        entry_nodes=[node],
+        nodes=[node],
+        d_model=int(scale.size),
+        eps=float(match.attr(node, "epsilon", 1e-5)),
+        scale=(node, 2),
+        bias=(node, bias_idx) if bias_idx is not None and inputs[bias_idx] is not None else None,
+        terms=[node.inputs[0], node.inputs[1]],
+        sum_bias=(node, sum_bias_idx) if inputs[sum_bias_idx] is not None else None,
+    )
 
 
 def _vector(value: ir.Value | None) -> np.ndarray | None:
@@ -192,7 +232,7 @@ def _fused_rmsnorm(node: ir.Node) -> Norm | None:
     return Norm(
         name=node.name or node.outputs[0].name,
         kind="rmsnorm",
-        form="RMSNormalization",
+        form=node.op_type,
         input=x,
         output=node.outputs[0],
         entry_nodes=[node],

@@ -63,6 +63,7 @@ class Runner:
         self.label = label or (model if isinstance(model, str) else "model")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        ort.set_default_logger_severity(3)
         available = ort.get_available_providers()
         if provider not in available:
             raise BadInputError(f"provider {provider} is not available (have: {', '.join(available)})")

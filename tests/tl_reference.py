@@ -288,9 +288,10 @@ def _check_scaled(before, out, readers, centre, centre_vocab=False):
     """Each reader must be its norm's scale times the original, along d_model.
 
     Setting a norm's weight to ones does not prove its readers took the scale:
-    TL resets ln1.w even when it could not find the key/value weights to fold
-    into, and picks the d_model axis by shape. With LayerNorm TL also centres
-    readers over d_model; centre_vocab is for W_U after center_unembed.
+    TL resets ln2.w even when it leaves W_gate out (cfg.gated_mlp unset), and
+    it picks the d_model axis of W_in and W_U by shape, which is ambiguous when
+    d_mlp or d_vocab equals d_model. With LayerNorm TL also centres readers
+    over d_model; centre_vocab is for W_U after center_unembed.
     """
     for key, norm, axis in readers:
         w = before[norm + ".w"].double().numpy()
