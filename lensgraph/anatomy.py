@@ -398,6 +398,15 @@ VALUE_PATH_OPS = LAYOUT_OPS | {"Expand", "Slice", "Split"}
 def _value_source(pv: ir.Node, o: Linear) -> Attention | str:
     """Walk from the attention product back to the linear map that makes the values."""
     v, passed = match.back(pv.inputs[1], VALUE_PATH_OPS)
+    node = v.producer()
+    while node is not None and node.op_type == "Concat":  # a KV cache: past values ++ new values
+        live = [i for i in node.inputs if i is not None and not match.back(i)[0].is_graph_input()]
+        if len(live) != 1:
+            break
+        passed.append(node)
+        v, more = match.back(live[0], VALUE_PATH_OPS)
+        passed += more
+        node = v.producer()
     lin = linear_producing(v)
     if lin is None:
         node = v.producer()

@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check")
+    p.add_argument("--with-cache", action="store_true",
+                   help="a generation step with past_key_values.* inputs and present.* outputs (torchscript)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("process", parents=[common], help="apply the weight-processing passes")
@@ -102,7 +104,7 @@ def _export(args) -> int:
     from .export import export
 
     info = export(args.source, args.output, exporter=args.exporter, opset=args.opset, dtype=args.dtype,
-                  check=not args.no_check)
+                  check=not args.no_check, cache=args.with_cache)
     _say(args)(f"exported {args.source} -> {info['out_path']} ({info['exporter']}, opset {info['opset']}, "
                f"{info['seconds']:.1f} s)" + (f"; onnxruntime vs torch max |diff| {info['max_abs_diff']:.1e}"
                                               if info.get("max_abs_diff") is not None else ""))

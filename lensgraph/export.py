@@ -62,6 +62,45 @@ class LogitsOnly(torch.nn.Module):
         ).logits
 
 
+class LogitsAndCache(torch.nn.Module):
+    """A decoder step for generation: ids, mask and the past keys/values (flattened per layer)
+    in; logits and the present keys/values out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                         use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def cache_names(layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names of the cache, as optimum names them."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return past, present
+
+
+def _empty_cache(model, batch: int, length: int, dtype) -> list:
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    gen = torch.Generator().manual_seed(2)
+    return [torch.randn(batch, heads, length, head_dim, generator=gen).to(dtype)
+            for _ in range(2 * config.num_hidden_layers)]
+
+
 def _verbose(verbose):
     """An explicit argument wins; otherwise the environment decides."""
     if verbose is not None:
@@ -239,9 +278,17 @@ def _export_dynamo(wrapper, args, dest, opset, external, verbose):
     program.save(str(dest), external_data=external)
 
 
-def _export_torchscript(wrapper, args, dest, opset, external, verbose):
+def _export_torchscript(wrapper, args, dest, opset, external, verbose, cache_layers=0):
     """Tracing based; above 2 GB torch writes one file per tensor, so gather them into one."""
     axes = {0: "batch", 1: "sequence"}
+    inputs, outputs = ["input_ids", "attention_mask"], ["logits"]
+    dynamic = {"input_ids": axes, "attention_mask": axes, "logits": axes}
+    if cache_layers:
+        past, present = cache_names(cache_layers)
+        inputs, outputs = inputs + past, outputs + present
+        dynamic["attention_mask"] = {0: "batch", 1: "total_sequence"}
+        dynamic.update({n: {0: "batch", 2: "past_sequence"} for n in past})
+        dynamic.update({n: {0: "batch", 2: "total_sequence"} for n in present})
     target = dest
     if external:
         raw = dest.parent / "raw"
@@ -251,9 +298,9 @@ def _export_torchscript(wrapper, args, dest, opset, external, verbose):
         wrapper,
         args,
         str(target),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["logits"],
-        dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": axes},
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_axes=dynamic,
         opset_version=opset or TORCHSCRIPT_DEFAULT_OPSET,
         dynamo=False,
         verbose=False,  # True dumps the whole traced graph, too much even when verbose
@@ -281,21 +328,28 @@ def _check_inputs(vocab):
     return ids, mask
 
 
-def _compare(wrapper, onnx_path, vocab):
-    """Run onnxruntime and torch on the same fresh input; return (max abs diff, logit scale)."""
+def _compare(wrapper, onnx_path, vocab, cache=None):
+    """Run onnxruntime and torch on the same fresh input; return (max abs diff, logit scale).
+
+    A KV-cache graph gets an empty cache, as at the first step of generation."""
     import onnxruntime as ort
 
     ids, mask = _check_inputs(vocab)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     with torch.no_grad():
-        expected = wrapper(ids, mask).float().numpy()
+        if cache is None:
+            expected = wrapper(ids, mask).float().numpy()
+        else:
+            past = _empty_cache(wrapper.model, ids.shape[0], 0, cache)
+            expected = wrapper(ids, mask, *past)[0].float().numpy()
+            names, _ = cache_names(wrapper.layers)
+            feeds.update({n: t.numpy() for n, t in zip(names, past)})
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(
         str(onnx_path), options, providers=["CPUExecutionProvider"]
     )
-    (got,) = session.run(
-        ["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    )
+    (got,) = session.run(["logits"], feeds)
     got = got.astype(np.float32)
     if got.shape != expected.shape:
         raise ExportError(
@@ -337,13 +391,18 @@ def _written_opset(path):
     return None
 
 
-def export_model(model, out_path, exporter="dynamo", opset=None, check=True, verbose=None):
+def export_model(model, out_path, exporter="dynamo", opset=None, check=True, verbose=None,
+                 cache=False):
     """Export a loaded causal LM to out_path and, if check, compare it with torch.
 
-    The file appears only once everything has succeeded: it is written in a
-    temporary folder beside out_path and moved into place at the end.
+    With cache, the graph is a generation step with past_key_values.* inputs and
+    present.* outputs (TorchScript exporter only). The file appears only once
+    everything has succeeded: it is written in a temporary folder beside out_path
+    and moved into place at the end.
     """
     opset = _check_choices(exporter, opset)
+    if cache and exporter != "torchscript":
+        raise ExportInputError("a KV-cache graph needs the torchscript exporter (--exporter torchscript)")
     verbose = _verbose(verbose)
     name = getattr(model, "name_or_path", "") or type(model).__name__
     dtype = _model_dtype(model)
@@ -361,16 +420,21 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
         raise ExportInputError(f"{out_path}: cannot write there ({_reason(exc)})") from None
     dest = work / out_path.name
     try:
-        wrapper = LogitsOnly(model).eval()
+        wrapper = (LogitsAndCache(model) if cache else LogitsOnly(model)).eval()
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (2, 8), generator=gen, dtype=torch.int64)
         args = (ids, torch.ones_like(ids))
-        run = _export_dynamo if exporter == "dynamo" else _export_torchscript
+        if cache:  # trace with a non-empty past so its length stays dynamic
+            args = (ids, torch.ones(2, 11, dtype=torch.int64), *_empty_cache(model, 2, 3, dtype))
 
         start = time.perf_counter()
         try:
             with _quiet(verbose), torch.no_grad():
-                run(wrapper, args, dest, opset, external, verbose)
+                if exporter == "dynamo":
+                    _export_dynamo(wrapper, args, dest, opset, external, verbose)
+                else:
+                    _export_torchscript(wrapper, args, dest, opset, external, verbose,
+                                        cache_layers=wrapper.layers if cache else 0)
         except Exception as exc:
             hint = ""
             if dtype == torch.float16:
@@ -391,7 +455,7 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
         if check:
             try:
                 with _quiet(verbose):
-                    max_diff, scale = _compare(wrapper, dest, vocab)
+                    max_diff, scale = _compare(wrapper, dest, vocab, dtype if cache else None)
             except ExportError as exc:
                 raise ExportError(f"{name}: {exc}") from None
             except Exception as exc:
@@ -423,16 +487,19 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
         "seconds": round(seconds, 3),
         "max_abs_diff": max_diff,
         "external_data": external,
+        "cache": bool(cache),
         "out_path": str(out_path),
     }
 
 
 def export(source, out_path, exporter="dynamo", opset=None, dtype="float32", check=True,
-           verbose=None):
+           verbose=None, cache=False):
     """Load source (hub id or local folder) and export it; see export_model."""
     _check_choices(exporter, opset)  # before the slow load
+    if cache and exporter != "torchscript":
+        raise ExportInputError("a KV-cache graph needs the torchscript exporter (--exporter torchscript)")
     model = load_hf_model(source, dtype=dtype, verbose=verbose)
     result = export_model(model, out_path, exporter=exporter, opset=opset, check=check,
-                          verbose=verbose)
+                          verbose=verbose, cache=cache)
     result["source"] = str(source)
     return result
