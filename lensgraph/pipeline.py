@@ -141,6 +141,15 @@ class PassManager:
         return results
 
 
+def centred(arr, mean, dtype) -> bool:
+    """Whether `mean` is zero to within the rounding of the tensor's own dtype."""
+    import numpy as np
+
+    eps = np.finfo(dtype).eps if np.issubdtype(dtype, np.floating) else 0.0
+    scale = max(float(np.abs(arr).max()), 1e-30)
+    return float(np.abs(mean).max()) <= max(1e-5, 8 * eps) * scale
+
+
 def check(condition: bool, message: str) -> None:
     """A pass's post-condition: fail loudly rather than hand back a wrong graph."""
     if not condition:

@@ -22,6 +22,9 @@ class WeightStore:
         self.copies = 0  # shared initializers copied instead of edited
         self.written = 0
 
+    def dtype(self, value: ir.Value) -> np.dtype:
+        return _np_dtype(value)
+
     def read(self, value: ir.Value) -> np.ndarray:
         arr = match.const_value(value)
         if arr is None:
@@ -86,6 +89,9 @@ class LinearWeights:
 
     def __init__(self, store: WeightStore):
         self.store = store
+
+    def dtype(self, lin) -> np.dtype:
+        return _np_dtype(lin.node.inputs[1])
 
     def weight(self, lin) -> np.ndarray:
         arr = self.store.read(lin.source)

@@ -4,9 +4,7 @@ W_U [d_model, vocab] -= W_U.mean(axis=1), b_U -= mean(b_U): every logit at a pos
 moves by the same constant, which softmax ignores.
 """
 
-import numpy as np
-
-from lensgraph.pipeline import Pass, PassResult, check, register
+from lensgraph.pipeline import Pass, PassResult, centred, check, register
 from lensgraph.weights import LinearWeights
 
 
@@ -38,6 +36,6 @@ class CenterUnembed(Pass):
         return result
 
     def ensures(self, model, anatomy) -> None:
-        weight = LinearWeights(model.weights).weight(anatomy.unembed)
-        scale = max(float(np.abs(weight).max()), 1e-30)
-        check(float(np.abs(weight.mean(axis=1)).max()) <= 1e-5 * scale, "unembedding is not centred")
+        linear = LinearWeights(model.weights)
+        weight = linear.weight(anatomy.unembed)
+        check(centred(weight, weight.mean(axis=1), linear.dtype(anatomy.unembed)), "unembedding is not centred")
