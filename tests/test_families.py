@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-import zoo
+from lensgraph import zoo
 from helpers import feeds, logits_gap, run
 from lensgraph.anatomy import analyse
 from lensgraph.describe import describe

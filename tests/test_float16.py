@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-import zoo
+from lensgraph import zoo
 from helpers import feeds, relative_gap, run
 from lensgraph.export import export_model
 from lensgraph.process import process

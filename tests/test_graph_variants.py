@@ -162,3 +162,22 @@ def test_failed_verification_writes_nothing(gpt2_exports, tmp_path):
     with pytest.raises(VerificationError, match=r"break_unembed.*worst difference .* exceeds"):
         process(gpt2_exports["dynamo"], out, passes=PassManager([BreakUnembed()]))
     assert list(tmp_path.iterdir()) == []
+
+
+def norm_output_also_feeds_relu(graph):
+    """The second LayerNorm's output also feeds a non-linear op that is a graph output."""
+    norm = [n for n in graph.node if n.op_type == "LayerNormalization"][1]
+    graph.node.append(helper.make_node("Relu", [norm.output[0]], ["probe_relu"], name="probe_relu"))
+    graph.output.append(helper.make_tensor_value_info("probe_relu", onnx.TensorProto.FLOAT, ["batch", "sequence", 32]))
+
+
+def test_partly_understood_model_gets_the_safe_subset(gpt2_exports, tmp_path):
+    src = edited(gpt2_exports["dynamo"], tmp_path / "in.onnx", norm_output_also_feeds_relu)
+    out = tmp_path / "out.onnx"
+    report = process(src, out)
+    fold = report["passes"][0]
+    assert fold["rewritten"] == 4
+    assert len(fold["skipped"]) == 1 and "feeds Relu probe_relu" in fold["skipped"][0]["reason"]
+    assert report["verification"]["ok"] and logits_gap(src, str(out)) < 1e-5
+    x = feeds()
+    np.testing.assert_allclose(run(src, x)["probe_relu"], run(str(out), x)["probe_relu"], atol=1e-5)

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import zoo
+from lensgraph import zoo
 from helpers import relative_gap
 from lensgraph.export import cache_names, export_model
 from lensgraph.process import process

@@ -10,7 +10,7 @@ from lensgraph.anatomy import analyse
 from lensgraph.model import LensModel
 from lensgraph.process import process
 from lensgraph.weights import LinearWeights
-import zoo
+from lensgraph import zoo
 from tl_reference import gpt2_tl_processed, llama_tl_processed, neox_tl_processed
 from test_families import family_exports  # noqa: F401  (session fixture)
 

@@ -1,4 +1,5 @@
-"""Tiny models of every family we support, built from configs with random weights.
+"""Tiny models of every supported family, built from configs with random weights (needs the
+[export] extra).
 
 Every 1-D parameter is randomised (HF initialises norms to 1 and biases to 0, which
 would hide folding mistakes). Sizes are tiny so the whole matrix exports in seconds.
@@ -9,10 +10,10 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-from lensgraph.demo import randomise_1d
+from .demo import randomise_1d
 
 VOCAB = 96
-SMALL = dict(vocab_size=VOCAB)
+SMALL = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
 
 
 def _configs() -> dict:
