@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"lensgraph: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # the reader of our output went away (`| head`); the work itself is done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("lensgraph: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -62,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("process", parents=[common], help="apply the weight-processing passes")
     p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("-o", "--output", help="where to write the processed model (never the input)")
+    target.add_argument("--in-place", action="store_true", help="replace the input model (atomically)")
     p.add_argument("--passes", default=None,
                    help="comma-separated pipeline (default: fold_ln,center_writing_weights,center_unembed,fold_value_biases)")
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
@@ -116,8 +121,11 @@ def _process(args) -> int:
     say = _say(args)
     with Progress(enabled=not args.quiet) as bar:
         report = process(args.input, args.output, passes=args.passes, verify=not args.no_verify,
-                         external_data=args.external_data, provider=args.provider, progress=bar.step)
-    say(f"{args.input} -> {args.output}")
+                         external_data=args.external_data, provider=args.provider, progress=bar.step,
+                         in_place=args.in_place)
+    if report["written"]:
+        data = f" (weights in {report['data_file']})" if report["data_file"] else ""
+        say(f"{args.input} -> {report['output']}{data}")
     say(summary(report))
     if args.report:
         with open(args.report, "w") as f:

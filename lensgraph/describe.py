@@ -6,12 +6,14 @@ from collections import Counter
 
 from .anatomy import Anatomy, analyse
 from .model import LensModel
+from .pipeline import nothing_to_rewrite
 
 
 def describe(model: LensModel, anatomy: Anatomy | None = None) -> dict:
     a = anatomy or analyse(model.graph)
     return {
         "applied": model.applied,
+        "nothing_to_rewrite": nothing_to_rewrite(a),
         "d_model": a.d_model,
         "norms": [
             {
@@ -48,8 +50,8 @@ def describe(model: LensModel, anatomy: Anatomy | None = None) -> dict:
 
 def as_text(info: dict) -> str:
     lines = [f"applied passes: {', '.join(info['applied']) or 'none'}"]
-    if not info["norms"] and not info["unembed"]:
-        lines.append("no transformer anatomy found: nothing to rewrite")
+    if info["nothing_to_rewrite"]:
+        lines.append(f"not a transformer lensgraph can process: nothing to rewrite ({info['nothing_to_rewrite']})")
         return "\n".join(lines)
     lines.append(f"d_model: {info['d_model']}")
     kinds = ", ".join(f"{k} x{v}" for k, v in info["norm_kinds"].items())
