@@ -21,7 +21,7 @@ import tempfile
 import onnx
 import onnx_ir as ir
 
-from .errors import BadInputError
+from .errors import BadInputError, LensError
 
 ALTERNATES = 3  # NAME.data, NAME.1.data, NAME.2.data: enough for any model being replaced
 
@@ -45,9 +45,12 @@ class StagedModel:
                 os.replace(os.path.join(self.tmpdir, self.data_name), self.data_path)
             _fsync(self.staged_path)
             os.replace(self.staged_path, self.path)
-            _fsync(folder)
+        except OSError as exc:
+            raise LensError(f"{self.path}: cannot move the output into place ({exc.strerror or exc}); "
+                            "the previous file there is unchanged") from exc
         finally:
             self.discard()
+        _fsync(folder)  # make the renames themselves durable
         for name in self.stale:  # data the replaced model read; nothing reads it any more
             old = os.path.join(folder, name)
             if os.path.isfile(old) and not os.path.islink(old):
@@ -83,18 +86,24 @@ def stage(model: ir.Model, path: str, data_name: str | None, protected: list[str
         raise BadInputError(f"{path}: is a directory; give the output file's path")
     if os.path.exists(path) and _same_as_any(path, protected) and not replace_input:
         raise BadInputError(f"{path}: output would overwrite the input (use --in-place to replace it)")
-    os.makedirs(folder, exist_ok=True)
     stale: list[str] = []
     if data_name:
         data_name, stale = _data_name(folder, path, data_name, protected)
         stale = [n for n in stale if replace_input or not _same_as_any(os.path.join(folder, n), protected)]
-    tmpdir = tempfile.mkdtemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmpdir = tempfile.mkdtemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as exc:
+        raise BadInputError(f"{folder}: cannot write into this folder ({exc.strerror or exc})") from exc
     staged = StagedModel(path, tmpdir, data_name, stale)
     try:
         if data_name:
             ir.save(model, staged.staged_path, external_data=data_name)
         else:
             ir.save(model, staged.staged_path)
+    except OSError as exc:  # disk full, permissions: nothing is published
+        staged.discard()
+        raise LensError(f"{path}: cannot write the output ({exc.strerror or exc}); nothing was written") from exc
     except BaseException:
         staged.discard()
         raise
