@@ -29,8 +29,10 @@ ALTERNATES = 3  # NAME.data, NAME.1.data, NAME.2.data: enough for any model bein
 class StagedModel:
     """A model written beside its target; `commit` renames it into place, `discard` drops it."""
 
-    def __init__(self, path: str, tmpdir: str, data_name: str | None, stale: list[str]):
+    def __init__(self, path: str, tmpdir: str, data_name: str | None, stale: list[str],
+                 created: list[str] = ()):
         self.path, self.tmpdir, self.data_name, self.stale = path, tmpdir, data_name, stale
+        self.created = list(created)  # folders made for the output, removed again if nothing is published
         self.staged_path = os.path.join(tmpdir, os.path.basename(path))
 
     @property
@@ -39,6 +41,7 @@ class StagedModel:
 
     def commit(self) -> str:
         folder = os.path.dirname(self.path)
+        self.created = []
         try:
             if self.data_name:
                 _fsync(os.path.join(self.tmpdir, self.data_name))
@@ -59,6 +62,11 @@ class StagedModel:
 
     def discard(self) -> None:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+        for folder in self.created:  # deepest first; only if still empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
 
     def __enter__(self) -> "StagedModel":
         return self
@@ -90,12 +98,16 @@ def stage(model: ir.Model, path: str, data_name: str | None, protected: list[str
     if data_name:
         data_name, stale = _data_name(folder, path, data_name, protected)
         stale = [n for n in stale if replace_input or not _same_as_any(os.path.join(folder, n), protected)]
+    created, up = [], folder
+    while not os.path.exists(up):
+        created.append(up)
+        up = os.path.dirname(up)
     try:
         os.makedirs(folder, exist_ok=True)
         tmpdir = tempfile.mkdtemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     except OSError as exc:
         raise BadInputError(f"{folder}: cannot write into this folder ({exc.strerror or exc})") from exc
-    staged = StagedModel(path, tmpdir, data_name, stale)
+    staged = StagedModel(path, tmpdir, data_name, stale, created)
     try:
         if data_name:
             ir.save(model, staged.staged_path, external_data=data_name)

@@ -12,6 +12,8 @@ import os
 import sys
 import traceback
 
+import numpy as np
+
 from . import __version__
 from .errors import LensError
 
@@ -25,7 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args) or 0
+        if args.debug:
+            return args.func(args) or 0
+        with np.errstate(all="ignore"):  # NaN/overflow in a broken model's weights: verification judges
+            return args.func(args) or 0
     except LensError as exc:
         if args.debug:
             traceback.print_exc()

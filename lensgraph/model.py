@@ -9,6 +9,7 @@ helpers here; only this module writes files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import onnx
@@ -163,11 +164,20 @@ def _inline_small_external(model: ir.Model) -> None:
 
 
 def _infer_shapes(model: ir.Model) -> None:
-    """Give intermediate tensors their shapes: ranks help matching, and Netron draws them."""
+    """Give intermediate tensors their shapes: ranks help matching, and Netron draws them.
+
+    A convenience, never a blocker: onnx-ir logs a failure with its traceback, which would
+    break the one-line error promise, so its logger is quietened for the call.
+    """
+    logger = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         ShapeInferencePass()(model)
-    except Exception:  # a convenience, never a blocker
+    except Exception:
         pass
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,10 +1,11 @@
 """Opening an untrusted ONNX file: every check that runs before anything reads its weights.
 
 A model may come from a stranger. Before onnx-ir memory-maps its external data or
-onnxruntime runs it, `open_model` makes sure that it is a regular, parseable ONNX file
-that passes the ONNX checker, that onnxruntime can evaluate every op it uses, and that
-every external-data reference stays inside the model's folder and within its file.
-Each failure is a BadInputError naming the file and what is wrong with it.
+onnxruntime runs it, `open_model` makes sure that it is a regular, parseable ONNX file;
+that every external-data reference stays inside the model's folder and within its file;
+that inline tensor data fits its shape; that it passes the full ONNX checker (types and
+shapes); and that onnxruntime can evaluate every op it uses. Each failure is a
+BadInputError naming the file and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def open_model(path: str) -> tuple[onnx.ModelProto, set[str]]:
     if not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise BadInputError(f"{path}: not an ONNX model, or its graph has no nodes (truncated or not ONNX?)")
     data_files = check_external_data(proto, path)
-    try:
-        onnx.checker.check_model(path)  # by path, so external data resolves against the model's folder
+    check_inline_data(proto, path)
+    try:  # by path, so external data resolves against the model's folder; full: types and shapes too
+        onnx.checker.check_model(path, full_check=True)
     except Exception as exc:
         raise BadInputError(f"{path}: fails the ONNX checker ({_first_line(exc)})") from exc
     check_runtime_support(proto, path)
@@ -127,6 +129,31 @@ def check_external_data(proto: onnx.ModelProto, model_path: str) -> set[str]:
                                 f"too short for offset {offset or 0} + length {end - (offset or 0)}")
         files.add(target)
     return files
+
+
+def check_inline_data(proto: onnx.ModelProto, path: str) -> None:
+    """Refuse tensors whose stored data does not fit their type and shape.
+
+    The ONNX checker does not compare them; a mismatch would surface much later, as a
+    failed reshape in the middle of a rewrite.
+    """
+    for tensor in all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        try:
+            dtype = ir.DataType(tensor.data_type)
+        except ValueError:
+            raise BadInputError(f"{path}: tensor {tensor.name!r} has unknown data type {tensor.data_type}") from None
+        count = math.prod(tensor.dims)
+        if tensor.HasField("raw_data"):
+            have, want = len(tensor.raw_data), _nbytes(tensor)
+        elif dtype.is_string() or dtype in (ir.DataType.COMPLEX64, ir.DataType.COMPLEX128) or dtype.bitwidth < 8:
+            continue  # rare layouts: left to onnx and onnxruntime
+        else:
+            have, want = len(getattr(tensor, onnx.helper.tensor_dtype_to_field(tensor.data_type))), count
+        if want is not None and have != want:
+            raise BadInputError(f"{path}: tensor {tensor.name!r} of shape {list(tensor.dims)} holds {have} "
+                                f"{'bytes' if tensor.HasField('raw_data') else 'values'}, not {want}")
 
 
 def _int_entry(info: dict, key: str, where: str) -> int | None:
