@@ -122,6 +122,26 @@ def stage(model: ir.Model, path: str, data_name: str | None, protected: list[str
     return staged
 
 
+def write_text(path: str, text: str, protected=()) -> None:
+    """Write a small text file (the JSON report) the same way: complete or not at all."""
+    path = os.path.abspath(path)
+    if os.path.islink(path) or os.path.isdir(path):
+        raise BadInputError(f"{path}: is a symbolic link or a directory; refusing to write the report there")
+    if os.path.exists(path) and _same_as_any(path, protected):
+        raise BadInputError(f"{path}: the report would overwrite a model file")
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise LensError(f"{path}: cannot write the report ({exc.strerror or exc})") from exc
+    finally:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _data_name(folder: str, path: str, wanted: str, protected) -> tuple[str, list[str]]:
     """The data file's name: `wanted`, or an alternate when the model being replaced reads it."""
     if os.path.basename(wanted) != wanted or wanted in ("", ".", ".."):

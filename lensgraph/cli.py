@@ -15,7 +15,7 @@ import traceback
 import numpy as np
 
 from . import __version__
-from .errors import LensError
+from .errors import BadInputError, LensError
 
 EXIT_INTERNAL = 4
 
@@ -120,10 +120,13 @@ def _export(args) -> int:
 
 
 def _process(args) -> int:
+    from .atomic import write_text
     from .process import process, summary
     from .progress import Progress
 
     say = _say(args)
+    if args.report and _same_file(args.report, args.output or args.input, args.input):
+        raise BadInputError(f"{args.report}: the report would overwrite a model file")
     with Progress(enabled=not args.quiet) as bar:
         report = process(args.input, args.output, passes=args.passes, verify=not args.no_verify,
                          external_data=args.external_data, provider=args.provider, progress=bar.step,
@@ -133,9 +136,18 @@ def _process(args) -> int:
         say(f"{args.input} -> {report['output']}{data}")
     say(summary(report))
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(report, f, indent=2)
+        models = [*report["input_files"], report["output"], report["data_file"] or ""]
+        write_text(args.report, json.dumps(report, indent=2), protected=[m for m in models if m])
     return 0
+
+
+def _same_file(path: str, *others: str) -> bool:
+    for other in others:
+        if os.path.abspath(path) == os.path.abspath(other):
+            return True
+        if os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other):
+            return True
+    return False
 
 
 def _verify(args) -> int:

@@ -51,6 +51,7 @@ def process(
     model = LensModel.load(src)
     report = {
         "input": src,
+        "input_files": model.input_files,
         "output": os.path.abspath(dst),
         "data_file": None,
         "written": False,

@@ -259,3 +259,24 @@ def test_in_place_replaces_the_input_with_the_verified_result(capsys, tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["model.onnx", "original"]  # no temporary left behind
     assert verify(str(keep), str(src)).ok
     assert src.read_bytes() != keep.read_bytes()
+
+
+@pytest.mark.parametrize("report", ["INPUT", "OUTPUT"])
+def test_report_never_overwrites_a_model(capsys, tmp_path, good, report):
+    src, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
+    shutil.copy(good, src)
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, "process", src, "-o", out, "--report", src if report == "INPUT" else out)
+    assert code == 2 and "the report would overwrite a model file" in one_error_line(err)
+    assert snapshot(tmp_path) == before
+
+
+def test_report_is_written_even_when_there_is_nothing_to_rewrite(capsys, tmp_path):
+    import json
+
+    src, report = tmp_path / "mlp.onnx", tmp_path / "report.json"
+    onnx.save(handmade.mlp(), src)
+    code, _, _ = cli(capsys, "process", src, "-o", tmp_path / "out.onnx", "--report", report)
+    data = json.loads(report.read_text())
+    assert code == 0 and data["nothing_to_rewrite"] and not data["written"]
+    assert sorted(os.listdir(tmp_path)) == ["mlp.onnx", "report.json"]
