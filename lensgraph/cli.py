@@ -12,8 +12,10 @@ import os
 import sys
 import traceback
 
+import numpy as np
+
 from . import __version__
-from .errors import LensError
+from .errors import BadInputError, LensError
 
 EXIT_INTERNAL = 4
 
@@ -25,12 +27,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args) or 0
+        if args.debug:
+            return args.func(args) or 0
+        with np.errstate(all="ignore"):  # NaN/overflow in a broken model's weights: verification judges
+            return args.func(args) or 0
     except LensError as exc:
         if args.debug:
             traceback.print_exc()
         print(f"lensgraph: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # the reader of our output went away (`| head`); the work itself is done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("lensgraph: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -64,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("process", parents=[common], help="apply the weight-processing passes")
     p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("-o", "--output", help="where to write the processed model (never the input)")
+    target.add_argument("--in-place", action="store_true", help="replace the input model (atomically)")
     p.add_argument("--passes", default=None,
                    help="comma-separated pipeline (default: fold_ln,center_writing_weights,center_unembed,fold_value_biases)")
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
@@ -112,19 +122,34 @@ def _export(args) -> int:
 
 
 def _process(args) -> int:
+    from .atomic import write_text
     from .process import process, summary
     from .progress import Progress
 
     say = _say(args)
+    if args.report and _same_file(args.report, args.output or args.input, args.input):
+        raise BadInputError(f"{args.report}: the report would overwrite a model file")
     with Progress(enabled=not args.quiet) as bar:
         report = process(args.input, args.output, passes=args.passes, verify=not args.no_verify,
-                         external_data=args.external_data, provider=args.provider, progress=bar.step)
-    say(f"{args.input} -> {args.output}")
+                         external_data=args.external_data, provider=args.provider, progress=bar.step,
+                         in_place=args.in_place)
+    if report["written"]:
+        data = f" (weights in {report['data_file']})" if report["data_file"] else ""
+        say(f"{args.input} -> {report['output']}{data}")
     say(summary(report))
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(report, f, indent=2)
+        models = [*report["input_files"], report["output"], report["data_file"] or ""]
+        write_text(args.report, json.dumps(report, indent=2), protected=[m for m in models if m])
     return 0
+
+
+def _same_file(path: str, *others: str) -> bool:
+    for other in others:
+        if os.path.abspath(path) == os.path.abspath(other):
+            return True
+        if os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other):
+            return True
+    return False
 
 
 def _verify(args) -> int:

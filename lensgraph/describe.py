@@ -6,12 +6,14 @@ from collections import Counter
 
 from .anatomy import Anatomy, analyse
 from .model import LensModel
+from .pipeline import nothing_to_rewrite
 
 
 def describe(model: LensModel, anatomy: Anatomy | None = None) -> dict:
     a = anatomy or analyse(model.graph)
     return {
         "applied": model.applied,
+        "nothing_to_rewrite": nothing_to_rewrite(a),
         "traits": traits(a),
         "d_model": a.d_model,
         "norms": [
@@ -75,8 +77,8 @@ def _tied(a: Anatomy) -> bool:
 
 def as_text(info: dict) -> str:
     lines = [f"applied passes: {', '.join(info['applied']) or 'none'}"]
-    if not info["norms"] and not info["unembed"]:
-        lines.append("no transformer anatomy found: nothing to rewrite")
+    if info["nothing_to_rewrite"]:
+        lines.append(f"not a transformer lensgraph can process: nothing to rewrite ({info['nothing_to_rewrite']})")
         return "\n".join(lines)
     t = info["traits"]
     shape = ["post-norm" if t["post_norm"] else "pre-norm",

@@ -9,45 +9,49 @@ helpers here; only this module writes files.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import tempfile
 
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import CheckerPass, RemoveUnusedNodesPass, ShapeInferencePass
 
 from . import __version__
+from .atomic import StagedModel, stage
 from .errors import BadInputError, LensError
+from .safety import open_model
 from .weights import WeightStore
 
 APPLIED_KEY = "lensgraph.applied"
 TWO_GB = 2**31
+SMALL_TENSOR = 1 << 16  # external tensors up to this size are read into memory on load
 
 
 class LensModel:
     def __init__(self, model: ir.Model, path: str | None = None):
         self.ir = model
         self.path = path
+        self.input_files: list[str] = []  # the input model and its data files: never overwritten
+        self.external_input = False  # the input kept its weights in external data
         self.weights = WeightStore(model.graph)
         self._source_checks: bool | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LensModel":
+        """Open `path` after the checks in safety.py; weights stay memory-mapped until used."""
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise BadInputError(f"{path}: no such file")
-        if os.path.isdir(path):
-            raise BadInputError(f"{path}: is a directory, not an ONNX file")
-        if os.path.getsize(path) == 0:
-            raise BadInputError(f"{path}: empty file")
+        proto, data_files = open_model(path)
         try:
-            model = ir.load(path)
-        except Exception as exc:  # protobuf and onnx raise many types for bad bytes
+            model = ir.serde.deserialize_model(proto)
+        except Exception as exc:
             raise BadInputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
-        if len(model.graph) == 0:
-            raise BadInputError(f"{path}: the ONNX graph has no nodes")
+        ir.external_data.set_base_dir(model.graph, os.path.dirname(path))
+        lens = cls(model, path)
+        lens.input_files = [os.path.realpath(path), *sorted(data_files)]
+        lens.external_input = bool(data_files)
+        _inline_small_external(model)
         _infer_shapes(model)
-        return cls(model, path)
+        return lens
 
     @property
     def graph(self) -> ir.Graph:
@@ -127,45 +131,66 @@ class LensModel:
     def nbytes(self) -> int:
         return sum(v.const_value.nbytes for v in self.graph.initializers.values() if v.const_value is not None)
 
-    # -- writing ---------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, external_data: str | bool | None = None) -> str:
-        """Write atomically: a temporary file in the target folder, renamed when complete.
+    def has_external_data(self) -> bool:
+        return any(isinstance(v.const_value, ir.ExternalTensor)
+                   for g in self.ir.graphs() for v in g.initializers.values())
 
-        External data is used when asked for or when the model is over 2 GB.
+    # -- writing ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, external_data: str | bool | None = None,
+             replace_input: bool = False) -> str:
+        """Write atomically (see atomic.py): complete under the final names, or not at all."""
+        with self.stage(path, external_data, replace_input) as staged:
+            pass
+        return staged.path
+
+    def stage(self, path: str | os.PathLike, external_data: str | bool | None = None,
+              replace_input: bool = False) -> StagedModel:
+        """Write beside `path` without publishing; the caller commits or discards.
+
+        External data is used when asked for, when the input had it, or when the model is
+        over 2 GB; its file is a plain name in the output's folder (default: OUTPUT.data).
         """
         path = os.path.abspath(os.fspath(path))
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        if self.path and os.path.exists(path) and os.path.samefile(self.path, path):
-            raise BadInputError(f"{path}: refusing to overwrite the input model")
         _infer_shapes(self.ir)
-        if external_data is None and self.nbytes() > TWO_GB - 2**26:
+        if external_data is None and (self.external_input or self.nbytes() > TWO_GB - 2**26):
             external_data = True
         data_name = None
         if external_data:
             data_name = external_data if isinstance(external_data, str) else os.path.basename(path) + ".data"
-            if os.path.dirname(data_name) or data_name in (".", ".."):
-                raise BadInputError(f"{data_name}: external data must be a plain file name in the output folder")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        os.close(fd)
-        try:
-            if data_name:
-                ir.save(self.ir, tmp, external_data=data_name)
-            else:
-                ir.save(self.ir, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        elif self.has_external_data():
+            ir.external_data.load_to_model(self.ir)
+        return stage(self.ir, path, data_name, protected=self.input_files, replace_input=replace_input)
+
+
+def _inline_small_external(model: ir.Model) -> None:
+    """Read small external tensors into memory (after safety.py checked them).
+
+    onnx-ir hands the ONNX checker and shape inference a copy without the large
+    initializers; small ones stay, and an external one would be looked up relative to
+    the working folder instead of the model's.
+    """
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= SMALL_TENSOR:
+                value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
 
 
 def _infer_shapes(model: ir.Model) -> None:
-    """Give intermediate tensors their shapes: ranks help matching, and Netron draws them."""
+    """Give intermediate tensors their shapes: ranks help matching, and Netron draws them.
+
+    A convenience, never a blocker: onnx-ir logs a failure with its traceback, which would
+    break the one-line error promise, so its logger is quietened for the call.
+    """
+    logger = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         ShapeInferencePass()(model)
-    except Exception:  # a convenience, never a blocker
+    except Exception:
         pass
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:

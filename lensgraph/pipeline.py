@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, ClassVar, Sequence
 
+from . import match
 from .anatomy import Anatomy, analyse
 from .errors import LensError, PipelineError
 from .model import LensModel
@@ -116,6 +117,9 @@ class PassManager:
                     )
 
     def run(self, model: LensModel, progress: Callable[[str], None] | None = None) -> list[PassResult]:
+        reason = nothing_to_rewrite(analyse(model.graph))
+        if reason is not None:  # not a transformer: never alter it
+            return [PassResult(p.name, skipped=[("model", f"nothing to rewrite: {reason}")]) for p in self.passes]
         results = []
         for p in self.passes:
             if progress:
@@ -148,6 +152,24 @@ def centred(arr, mean, dtype) -> bool:
     eps = np.finfo(dtype).eps if np.issubdtype(dtype, np.floating) else 0.0
     scale = max(float(np.abs(arr).max()), 1e-30)
     return float(np.abs(mean).max()) <= max(1e-5, 8 * eps) * scale
+
+
+def nothing_to_rewrite(anatomy: Anatomy) -> str | None:
+    """Why the graph is not a transformer whose weights lensgraph processes; None if it is.
+
+    The passes are exact only on a residual stream read through norms. An MLP or a CNN
+    has neither, and centring its outputs, say, would still pass verification (which
+    compares logits up to a constant) while changing what the model means.
+    """
+    if not anatomy.norms:
+        return "no LayerNorm or RMSNorm found"
+    if any(n.terms for n in anatomy.norms):
+        return None  # onnxruntime fused the residual sums into the norms
+    for value in anatomy.stream:
+        node = match.back(value)[0].producer()
+        if node is not None and node.op_type == "Add" and not any(match.is_const(v) for v in node.inputs):
+            return None
+    return "no residual stream (no norm reads a sum of computed terms)"
 
 
 def check(condition: bool, message: str) -> None:

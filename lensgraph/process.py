@@ -9,55 +9,82 @@ from __future__ import annotations
 import os
 import time
 
+from .anatomy import analyse
 from .errors import BadInputError, VerificationError
 from .model import LensModel
-from .pipeline import PassManager
+from .pipeline import PassManager, nothing_to_rewrite
+from .verify import Runner
 from .verify import verify as verify_models
 
 
 def process(
     src: str | os.PathLike,
-    dst: str | os.PathLike,
+    dst: str | os.PathLike | None = None,
     passes: str | list[str] | PassManager | None = None,
     verify: bool = True,
     external_data: str | bool | None = None,
     provider: str = "CPUExecutionProvider",
     tolerance: float | None = None,
     progress=None,
+    in_place: bool = False,
 ) -> dict:
-    """Rewrite `src` into `dst` with `passes` (default: TransformerLens's pipeline); return the report."""
+    """Rewrite `src` into `dst` with `passes` (default: TransformerLens's pipeline); return the report.
+
+    The output appears complete or not at all (see atomic.py); `src` and its data are never
+    modified, unless `in_place` asks to replace them. A graph that is not a transformer is
+    left alone: the report says "nothing to rewrite" and nothing is written.
+    """
     start = time.perf_counter()
-    src, dst = os.fspath(src), os.fspath(dst)
+    src = os.fspath(src)
+    if in_place:
+        if dst is not None and os.path.abspath(os.fspath(dst)) != os.path.abspath(src):
+            raise BadInputError("give an output path or in_place, not both")
+        dst = src
+    elif dst is None:
+        raise BadInputError("no output path given (pass one, or replace the input with in_place)")
+    dst = os.fspath(dst)
     manager = _manager(passes)
-    if os.path.exists(dst) and os.path.isdir(dst):
+    if os.path.isdir(dst):
         raise BadInputError(f"{dst}: is a directory; give the output file's path")
-    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
-        raise BadInputError(f"{dst}: output would overwrite the input")
+    if not in_place and os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
+        raise BadInputError(f"{dst}: output would overwrite the input (use --in-place to replace it)")
     model = LensModel.load(src)
-    applied_before = model.applied
-    results = manager.run(model, progress=progress)
-    changed = any(r.modified for r in results)
     report = {
         "input": src,
+        "input_files": model.input_files,
         "output": os.path.abspath(dst),
+        "data_file": None,
+        "written": False,
+        "nothing_to_rewrite": nothing_to_rewrite(analyse(model.graph)),
         "pipeline": manager.names,
-        "applied_before": applied_before,
+        "applied_before": model.applied,
         "applied": model.applied,
-        "changed": changed,
-        "passes": [r.to_dict() for r in results],
+        "changed": False,
+        "passes": [],
         "verification": None,
     }
+    if report["nothing_to_rewrite"]:
+        report["seconds"] = time.perf_counter() - start
+        return report
+    results = manager.run(model, progress=progress)
+    changed = any(r.modified for r in results)
+    report.update(applied=model.applied, changed=changed, passes=[r.to_dict() for r in results])
+    if in_place and not changed:  # nothing to replace the input with
+        report["seconds"] = time.perf_counter() - start
+        return report
     model.check(full=True)
-    if verify and changed:
-        result = verify_models(src, model, provider=provider, tolerance=tolerance)
-        report["verification"] = result.to_dict()
-        if not result.ok:
-            raise VerificationError(
-                f"rewritten model is not equivalent (passes {','.join(r.name for r in results if r.modified)}): "
-                f"worst difference {result.max_rel_diff:.2e} of the logit scale exceeds {result.tolerance:.0e}; "
-                "nothing was written"
-            )
-    model.save(dst, external_data=external_data)
+    with model.stage(dst, external_data=external_data, replace_input=in_place) as staged:
+        if verify and changed:  # check the very files that will be published
+            written = Runner(staged.staged_path, provider, label=f"{dst} (as written)")
+            result = verify_models(src, written, provider=provider, tolerance=tolerance)
+            report["verification"] = result.to_dict()
+            if not result.ok:
+                raise VerificationError(
+                    f"{src}: rewritten model is not equivalent (passes "
+                    f"{','.join(r.name for r in results if r.modified)}): worst difference "
+                    f"{result.max_rel_diff:.2e} of the logit scale exceeds {result.tolerance:.0e}; nothing was written"
+                )
+    report.update(written=True, data_file=staged.data_path)
     report["seconds"] = time.perf_counter() - start
     return report
 
@@ -74,6 +101,8 @@ def summary(report: dict) -> str:
     """A few human lines: per pass what matched, was rewritten or skipped and why."""
     from .pipeline import PassResult
 
+    if report.get("nothing_to_rewrite"):
+        return f"  nothing to rewrite: {report['nothing_to_rewrite']}; the model was left alone and nothing was written"
     lines = []
     for d in report["passes"]:
         r = PassResult(d["name"], d["matched"], d["rewritten"], [(s["what"], s["reason"]) for s in d["skipped"]],
@@ -91,4 +120,6 @@ def summary(report: dict) -> str:
                      f"scale (tolerance {v['tolerance']:.0e})")
     elif report["changed"]:
         lines.append("  verification: skipped (--no-verify)")
+    if not report.get("written"):
+        lines.append("  nothing was written: the input already holds this result")
     return "\n".join(lines)

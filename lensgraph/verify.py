@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from .errors import BadInputError
 
@@ -46,22 +47,18 @@ class VerifyResult:
 
 
 class Runner:
-    """An onnxruntime session over a path, bytes, a ModelProto or a LensModel."""
+    """An onnxruntime session over a path, bytes, a ModelProto or a LensModel.
+
+    A path is opened through safety.py first: onnxruntime never sees a file that would
+    read external data from outside its folder.
+    """
 
     def __init__(self, model, provider: str = "CPUExecutionProvider", label: str | None = None):
         import onnxruntime as ort
 
         self._tmp = None
-        source = _as_source(model)
-        if isinstance(source, onnx.ModelProto):
-            if source.ByteSize() < 2**31 - 2**20:
-                source = source.SerializeToString()
-            else:  # protobuf cannot hold it: write beside a temporary file
-                self._tmp = tempfile.TemporaryDirectory()
-                path = os.path.join(self._tmp.name, "model.onnx")
-                onnx.save(source, path, save_as_external_data=True)
-                source = path
-        self.label = label or (model if isinstance(model, str) else "model")
+        self.label = label or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else "rewritten model")
+        source = self._source(model)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         ort.set_default_logger_severity(3)
@@ -75,6 +72,30 @@ class Runner:
         self.inputs = self.session.get_inputs()
         names = [o.name for o in self.session.get_outputs()]
         self.output = "logits" if "logits" in names else names[0]
+
+    def _source(self, model):
+        from .model import LensModel
+        from .safety import open_model
+
+        if isinstance(model, (str, os.PathLike)):
+            open_model(os.fspath(model))
+            return os.fspath(model)
+        if isinstance(model, LensModel) and (model.has_external_data() or model.nbytes() >= 2**31 - 2**20):
+            # onnxruntime resolves external data next to a file: write one in a private folder
+            self._tmp = tempfile.TemporaryDirectory()
+            path = os.path.join(self._tmp.name, "model.onnx")
+            ir.save(model.ir, path, external_data="model.onnx.data")
+            return path
+        if isinstance(model, LensModel):
+            model = model.to_proto()
+        if isinstance(model, onnx.ModelProto):
+            if model.ByteSize() < 2**31 - 2**20:
+                return model.SerializeToString()
+            self._tmp = tempfile.TemporaryDirectory()
+            path = os.path.join(self._tmp.name, "model.onnx")
+            onnx.save(model, path, save_as_external_data=True)
+            return path
+        return model
 
     def feeds(self, batch: int, seq: int, vocab: int, rng: np.random.Generator) -> dict:
         feeds = {}
@@ -132,8 +153,8 @@ def verify(
     seed: int = 0,
 ) -> VerifyResult:
     """Compare centred logits of two models; ok when the worst relative gap is within tolerance."""
-    a = original if isinstance(original, Runner) else Runner(original, provider, "original")
-    b = Runner(rewritten, provider, "rewritten")
+    a = original if isinstance(original, Runner) else Runner(original, provider)
+    b = rewritten if isinstance(rewritten, Runner) else Runner(rewritten, provider)
     vocab = a.vocab_size()
     rng = np.random.default_rng(seed)
     worst_abs, scale, dtype = 0.0, 0.0, None
@@ -141,7 +162,7 @@ def verify(
         feeds = a.feeds(batch, seq, vocab, rng)
         la, lb = a.run(feeds), b.run(feeds)
         if la.shape != lb.shape:
-            raise BadInputError(f"logits shapes differ: {la.shape} vs {lb.shape}")
+            raise BadInputError(f"{a.label} and {b.label}: logits shapes differ: {la.shape} vs {lb.shape}")
         dtype = la.dtype
         ca, cb = centred(la), centred(lb)
         worst_abs = max(worst_abs, float(np.abs(ca - cb).max()))
@@ -150,16 +171,3 @@ def verify(
     tol = tolerance if tolerance is not None else TOLERANCE.get(np.dtype(dtype), 1e-4)
     ok = bool(np.isfinite(rel) and rel <= tol)
     return VerifyResult(ok, rel, worst_abs, tol, scale, [list(s) for s in shapes], provider, a.output)
-
-
-def _as_source(model):
-    from .model import LensModel
-
-    if isinstance(model, LensModel):
-        return model.to_proto()
-    if isinstance(model, (str, os.PathLike)):
-        path = os.fspath(model)
-        if not os.path.isfile(path):
-            raise BadInputError(f"{path}: no such file")
-        return path
-    return model
