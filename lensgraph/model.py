@@ -8,6 +8,7 @@ helpers here; only this module writes files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -127,6 +128,32 @@ class LensModel:
 
     def to_proto(self) -> onnx.ModelProto:
         return ir.serde.serialize_model(self.ir)
+
+    @contextlib.contextmanager
+    def skeleton(self, keep=frozenset(), limit: int = 4096):
+        """The model as a small ModelProto: initializers over `limit` bytes (except those in
+        `keep`) become graph inputs with no data, so running it costs no serialisation of
+        the weights. Yields (proto, {input name: (shape, numpy dtype)}); the model is restored
+        afterwards."""
+        graph = self.graph
+        moved = []
+        for value in list(graph.initializers.values()):
+            tensor = value.const_value
+            if tensor is None or tensor.nbytes <= limit or value.name in keep or value in graph.inputs:
+                continue
+            moved.append((value, tensor))
+            value.shape, value.dtype = ir.Shape(tensor.shape), tensor.dtype
+            graph.initializers.pop(value.name)
+            value.const_value = None
+            graph.inputs.append(value)
+        try:
+            proto = ir.serde.serialize_model(self.ir)
+            yield proto, {v.name: (tuple(t.shape), t.dtype.numpy()) for v, t in moved}
+        finally:
+            for value, tensor in moved:
+                graph.inputs.remove(value)
+                value.const_value = tensor
+                graph.register_initializer(value)
 
     def nbytes(self) -> int:
         return sum(v.const_value.nbytes for v in self.graph.initializers.values() if v.const_value is not None)

@@ -70,6 +70,7 @@ class Runner:
         except Exception as exc:
             raise BadInputError(f"{self.label}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]})") from exc
         self.inputs = self.session.get_inputs()
+        self.given: dict = {}  # inputs with fixed values (weights held out of the graph)
         names = [o.name for o in self.session.get_outputs()]
         self.output = "logits" if "logits" in names else names[0]
 
@@ -101,6 +102,9 @@ class Runner:
         feeds = {}
         for inp in self.inputs:
             name = inp.name
+            if name in self.given:
+                feeds[name] = self.given[name]
+                continue
             if "past" in name and inp.type in FLOAT_TYPES:
                 # an empty cache: each graph's own cache differs (a folded value bias is not in it)
                 dims = [d if isinstance(d, int) else None for d in inp.shape]
