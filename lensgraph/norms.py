@@ -162,20 +162,10 @@ def _decomposed_layernorm(div: ir.Node) -> Norm | None:
     mean = sub.inputs[1].producer() if sub.inputs[1] is not None else None
     if not _mean_last(mean) or mean.inputs[0] is not x:
         return None
-    add_eps = _producer(sqrt.inputs[0], "Add")
-    if add_eps is None:
+    core = _root_mean_square(sqrt)
+    if core is None or core[0].inputs[0] is not centred:
         return None
-    var_idx = 0 if match.const_value(add_eps.inputs[1]) is not None else 1
-    eps = match.const_value(add_eps.inputs[1 - var_idx])
-    var = add_eps.inputs[var_idx].producer()
-    if eps is None or not _mean_last(var):
-        return None
-    power = _producer(var.inputs[0], "Pow")
-    if power is None or power.inputs[0] is not centred:
-        return None
-    exponent = match.const_value(power.inputs[1])
-    if exponent is None or float(np.asarray(exponent).reshape(-1)[0]) != 2.0:
-        return None
+    power, var, add_eps, eps = core
     nodes = [mean, sub, power, var, add_eps, sqrt, div]
     out, scale, bias, d_model = _scale_and_bias(div.outputs[0], nodes, _last_dim(x), with_bias=True)
     if d_model is None:
@@ -243,7 +233,8 @@ def _fused_rmsnorm(node: ir.Node) -> Norm | None:
     )
 
 
-def _decomposed_rmsnorm(sqrt: ir.Node) -> Norm | None:
+def _root_mean_square(sqrt: ir.Node):
+    """Sqrt(ReduceMean(Pow(v, 2), last axis) + eps): (Pow, ReduceMean, Add, eps) or None."""
     add_eps = _producer(sqrt.inputs[0], "Add")
     if add_eps is None:
         return None
@@ -255,10 +246,18 @@ def _decomposed_rmsnorm(sqrt: ir.Node) -> Norm | None:
     power = _producer(var.inputs[0], "Pow")
     if power is None:
         return None
-    x = power.inputs[0]
     exponent = match.const_value(power.inputs[1])
     if exponent is None or float(np.asarray(exponent).reshape(-1)[0]) != 2.0:
         return None
+    return power, var, add_eps, eps
+
+
+def _decomposed_rmsnorm(sqrt: ir.Node) -> Norm | None:
+    core = _root_mean_square(sqrt)
+    if core is None:
+        return None
+    power, var, add_eps, eps = core
+    x = power.inputs[0]
     if _producer(x, "Sub") is not None:
         return None  # the mean was removed first: a LayerNorm, matched from its Div
     nodes = [power, var, add_eps, sqrt]
