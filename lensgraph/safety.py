@@ -41,7 +41,8 @@ def open_model(path: str) -> tuple[onnx.ModelProto, set[str]]:
     try:  # by path, so external data resolves against the model's folder; full: types and shapes too
         onnx.checker.check_model(path, full_check=True)
     except Exception as exc:
-        raise BadInputError(f"{path}: fails the ONNX checker ({_first_line(exc)})") from exc
+        if not _runtime_contrib_op(str(exc)):
+            raise BadInputError(f"{path}: fails the ONNX checker ({_first_line(exc)})") from exc
     check_runtime_support(proto, path)
     return proto, data_files
 
@@ -224,6 +225,14 @@ def _all_nodes(proto: onnx.ModelProto):
     yield from walk(proto.graph.node)
     for function in proto.functions:
         yield from walk(function.node)
+
+
+def _runtime_contrib_op(message: str) -> bool:
+    """Whether the checker only objects to an op that onnxruntime registers in the default
+    domain (its optimiser writes SimplifiedLayerNormalization there); the ops are still
+    checked against onnxruntime below, and every rewrite is verified by running it."""
+    unknown = re.match(r"No Op registered for (\w+) with domain_version", message.strip())
+    return bool(unknown) and ("", unknown.group(1)) in _runtime_ops()
 
 
 @functools.lru_cache(maxsize=None)
