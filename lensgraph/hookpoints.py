@@ -67,6 +67,7 @@ class Placement:
     points: dict[str, Point] = field(default_factory=dict)
     unplaced: dict[str, str] = field(default_factory=dict)  # point name -> reason
     n_layers: int = 0
+    anatomy: Anatomy | None = None
 
     @property
     def names(self) -> list[str]:
@@ -87,7 +88,7 @@ def template(name: str) -> str:
 
 def place(graph: ir.Graph, anatomy: Anatomy | None = None) -> Placement:
     anatomy = anatomy or analyse(graph)
-    result = Placement()
+    result = Placement(anatomy=anatomy)
     layers, final, reason = _layer_norms(anatomy)
     result.n_layers = len(layers)
     if reason:

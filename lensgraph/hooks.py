@@ -22,7 +22,7 @@ import onnx_ir as ir
 from onnx_ir.convenience import convert_attributes
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from . import __version__
+from . import __version__, match
 from .errors import BadInputError
 from .hookpoints import AS_IS, BROADCAST, HEADS, PER_POSITION, SCALE, Placement, Point, place
 from .model import LensModel
@@ -75,7 +75,7 @@ def add_hooks(model: LensModel, points: list[str] | None = None) -> HookReport:
     report = HookReport(removed=remove_hooks(model))
     placement: Placement = place(model.graph)
     wanted = select(placement.names, points)
-    builder = _Builder(model)
+    builder = _Builder(model, placement)
     for name in wanted:
         if name in placement.points:
             builder.add(placement.points[name])
@@ -118,9 +118,12 @@ def _infer_shapes(model: ir.Model) -> None:
 class _Builder:
     """Appends hook nodes; shared helpers (the ids' shape) are made once."""
 
-    def __init__(self, model: LensModel):
+    def __init__(self, model: LensModel, placement: Placement):
         self.model = model
         self.graph = model.graph
+        anatomy = placement.anatomy
+        self.norm_of = {id(n): norm for norm in (anatomy.norms if anatomy else []) for n in norm.nodes}
+        self._copies: dict[int, ir.Value] = {}
         self.opset = model.graph.opset_imports.get("", 17)
         self._ids_shape = None
         self._count = 0
@@ -169,9 +172,34 @@ class _Builder:
         dtype = value.dtype.numpy() if value.dtype is not None else np.float32
         return np.array(x, dtype=dtype)
 
+    def private_copy(self, point: str, value: ir.Value) -> ir.Value:
+        """The stream tensor for hooks to read, recomputed when a norm is its only reader.
+
+        onnxruntime fuses a residual Add into the norm that alone reads it
+        (SkipLayerNormalization); one more reader would block that. A Sum of the same two
+        operands gives the same bits without touching the Add, and a Sum is never merged
+        with an Add by common-subexpression elimination.
+        """
+        node = value.producer()
+        if node is None or node.op_type != "Add" or node.domain != "" or len(node.inputs) != 2:
+            return value
+        readers = [n for n, _ in match.value_uses(value) if not _is_hook(n)]
+        norms = {id(self.norm_of.get(id(n))) for n in readers}
+        if not readers or value.is_graph_output() or len(norms) != 1 or id(None) in norms:
+            return value
+        if id(value) not in self._copies:
+            copy = self._node(point, "Sum", list(node.inputs), f"a copy of {value.name} for hooks, so that "
+                              f"{node.name} can still fuse into the norm that reads it",
+                              out_name=f"lensgraph.hooks/{value.name}")
+            copy.dtype, copy.shape = value.dtype, value.shape
+            self._copies[id(value)] = copy
+        return self._copies[id(value)]
+
     # -- one point --------------------------------------------------------------------
     def add(self, point: Point) -> None:
         name, v = point.name, point.value
+        if point.form in (PER_POSITION, SCALE):
+            v = self.private_copy(name, v)
         rank = None if v.shape is None else len(v.shape)
         if point.form == AS_IS or (point.form == PER_POSITION and rank == 3):
             out = self._node(name, "Identity", [v], f"{point.found}", out_name=name)
@@ -201,7 +229,7 @@ class _Builder:
         onnxruntime's common-subexpression step cannot merge it into a decomposed norm and
         block that norm's fusion.
         """
-        name, x, norm = point.name, point.value, point.norm
+        name, x, norm = point.name, self.private_copy(point.name, point.value), point.norm
         inv_d = self._const(name, "inv_d", self._dtype_const(x, 1.0 / norm.d_model))
         eps = self._const(name, "eps", self._dtype_const(x, norm.eps if norm.eps is not None else 1e-5))
 
