@@ -92,7 +92,7 @@ def place(graph: ir.Graph, anatomy: Anatomy | None = None) -> Placement:
     layers, final, reason = _layer_norms(anatomy)
     result.n_layers = len(layers)
     if reason:
-        for name in all_names(0):
+        for name in list(GLOBAL_POINTS) + [t.format(l="*") for t in LAYER_POINTS] + list(FINAL_POINTS):
             result.unplaced[name] = reason
         return result
 

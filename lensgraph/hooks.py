@@ -43,8 +43,10 @@ class HookReport:
 
 def select(names: list[str], patterns: list[str] | None) -> list[str]:
     """Names matching any glob in `patterns` (all names when None); a glob matching nothing is an error."""
-    if not patterns:
+    if patterns is None:
         return list(names)
+    if isinstance(patterns, str):
+        patterns = [patterns]
     chosen = []
     for pattern in patterns:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
