@@ -3,9 +3,10 @@
 Each placed point (see hookpoints.py) becomes a graph output through a node named
 after the point: an Identity for a tensor already in TransformerLens's layout, else the
 Reshape, Expand or Transpose that gives it that layout, or a small subgraph for a norm's
-scale. Nothing existing is renamed or rewired, so the original outputs are unchanged;
-onnxruntime computes a hook only when it is fetched (with
-`RunOptions.only_execute_path_to_fetches`, as run_with_cache does).
+scale. Nothing existing is renamed or rewired, so the original outputs are unchanged, and
+onnxruntime's fusions are kept (see `_Builder.private_copy`). onnxruntime's inference
+builds run every node whatever is fetched, so each hook costs its copy on every run:
+add only the points you need, or let run_with_cache choose per call.
 
 Hook nodes carry `lensgraph.hook` metadata; adding hooks first removes earlier ones, so
 it can be repeated with other points.
