@@ -102,7 +102,7 @@ def place(graph: ir.Graph, anatomy: Anatomy | None = None) -> Placement:
         else:
             result.unplaced[name] = found
 
-    writers = _writers_by_role(anatomy)
+    writers = writers_by_role(anatomy)
     embeds = writers.get("embed", {})
     put("hook_embed", Point("hook_embed", embeds[0].node.outputs[0], AS_IS, f"embedding Gather {embeds[0].node.name}")
         if embeds else "no token-embedding table Gather writes into the residual stream")
@@ -193,7 +193,7 @@ def _layer_norms(anatomy: Anatomy) -> tuple[list[list[Norm]], Norm | None, str |
     return [blocks[i * k:(i + 1) * k] for i in range(n_layers)], final, None
 
 
-def _writers_by_role(anatomy: Anatomy) -> dict[str, dict[int, Writer]]:
+def writers_by_role(anatomy: Anatomy) -> dict[str, dict[int, Writer]]:
     """role -> layer -> writer; writers without a layer number are numbered in graph order."""
     out: dict[str, dict[int, Writer]] = defaultdict(dict)
     for role in ("embed", "pos_embed", "attn_out", "mlp_out"):
