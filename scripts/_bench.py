@@ -45,6 +45,33 @@ def inputs(batch: int, seq: int, vocab: int) -> dict:
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
+def kernel_ms(model, feeds: dict, threads: int, runs: int, keep) -> float:
+    """Milliseconds per run that onnxruntime's profiler books to the kernels `keep(op, node)` picks
+    (each kernel's median over the runs, so the first, cold run does not count)."""
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        sess.run(["logits"], feeds)
+    profile = sess.end_profiling()
+    with open(profile) as f:
+        events = json.load(f)
+    os.remove(profile)
+    per_node: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            node = e["name"].removesuffix("_kernel_time")
+            if keep(e.get("args", {}).get("op_name"), node):
+                per_node.setdefault(node, []).append(e["dur"])
+    return sum(statistics.median(d) for d in per_node.values()) / 1000  # median run of each kernel
+
+
 def compare(variants: dict, rounds: int, warmup: int = 3) -> dict[str, float]:
     """variants: name -> zero-argument callable; returns name -> median milliseconds."""
     for run in variants.values():

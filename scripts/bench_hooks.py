@@ -64,6 +64,12 @@ def main(argv=None) -> dict:
               f"median of {args.rounds} interleaved rounds:")
         medians = _bench.compare(variants, args.rounds)
         _bench.report(medians, "processed, no hooks (baseline)")
+        hook_nodes = {n.name for n in LensModel.load(hooked).graph if "lensgraph.hook" in n.metadata_props}
+        total = _bench.kernel_ms(hooked, feeds, args.threads, 10, lambda op, node: True)
+        spent = _bench.kernel_ms(hooked, feeds, args.threads, 10, lambda op, node: node in hook_nodes)
+        print(f"  time in hook kernels per run, fetching logits only (profiler): {spent:.2f} ms "
+              f"of {total:.2f} ms in all kernels ({100 * spent / total:.1f}%)")
+        medians["hook_kernel_ms"], medians["all_kernel_ms"] = spent, total
     return medians
 
 

@@ -22,6 +22,8 @@ import _bench  # noqa: E402
 from lensgraph.pipeline import DEFAULT_PIPELINE  # noqa: E402
 from lensgraph.process import process  # noqa: E402
 
+NORM_OPS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+            "SkipSimplifiedLayerNormalization", "RMSNormalization"}
 FORMS = {"torchscript17": ("torchscript", 17), "torchscript14": ("torchscript", 14), "dynamo23": ("dynamo", 23)}
 
 
@@ -52,7 +54,10 @@ def main(argv=None) -> dict:
             medians = _bench.compare({"processed (baseline)": lambda: a.run(["logits"], feeds),
                                       "processed + ln_to_rms": lambda: b.run(["logits"], feeds)}, args.rounds)
             _bench.report(medians, "processed (baseline)")
-            results[form] = medians
+            norms = [_bench.kernel_ms(m, feeds, args.threads, 10, lambda op, _: op in NORM_OPS) for m in (lens, rms)]
+            print(f"  time in norm kernels per run (profiler): {norms[0]:.2f} ms -> {norms[1]:.2f} ms "
+                  f"(x{norms[1] / max(norms[0], 1e-9):.2f})")
+            results[form] = dict(medians, norm_ms=norms)
     return results
 
 
