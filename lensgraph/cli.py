@@ -1,4 +1,4 @@
-"""`lensgraph ...`: export, process, verify, inspect, demo.
+"""`lensgraph ...`: export, process, verify, inspect, hooks, view, demo.
 
 Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 other lensgraph
 error, 4 unexpected internal error. Errors are one line on stderr; --debug shows the traceback.
@@ -96,6 +96,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_inspect)
 
+    p = sub.add_parser("hooks", parents=[common], help="add TransformerLens hook points as graph outputs")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", help="where to write the model with hook outputs")
+    p.add_argument("--points", nargs="+", metavar="GLOB",
+                   help="hook points to add, as globs (default: every point that can be placed), "
+                        "e.g. 'blocks.*.hook_resid_post'")
+    p.add_argument("--list", action="store_true", help="list the points and why any cannot be placed; write nothing")
+    p.set_defaults(func=_hooks)
+
+    p = sub.add_parser("view", parents=[common], help="serve a model in Netron on 127.0.0.1")
+    p.add_argument("model")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p.add_argument("--browse", action="store_true", help="also open it in the default web browser")
+    p.set_defaults(func=_view)
+
     p = sub.add_parser("passes", parents=[common], help="list the available passes")
     p.set_defaults(func=_passes)
 
@@ -166,6 +181,56 @@ def _inspect(args) -> int:
 
     info = describe(LensModel.load(args.model))
     print(json.dumps(info, indent=2) if args.json else as_text(info))
+    return 0
+
+
+def _hooks(args) -> int:
+    from .errors import BadInputError
+    from .hookpoints import place, template
+    from .hooks import add_hooks
+    from .model import LensModel
+
+    say = _say(args)
+    model = LensModel.load(args.input)
+    if args.list:
+        placement = place(model.graph)
+        for name, point in placement.points.items():
+            print(f"  {name}: {point.found}")
+        for line in _grouped(placement.unplaced, template):
+            print(f"  not placed: {line}")
+        return 0
+    if not args.output:
+        raise BadInputError("give the output file with -o (or --list to only list the points)")
+    report = add_hooks(model, args.points)
+    model.check(full=True)
+    model.save(args.output)
+    say(f"{args.input} -> {args.output}: {len(report.added)} hook outputs"
+        + (f" (replacing {report.removed} earlier ones)" if report.removed else ""))
+    for line in _grouped(report.unplaced, template):
+        say(f"  not placed: {line}")
+    return 0
+
+
+def _grouped(reasons: dict, template) -> list[str]:
+    """'blocks.*.hook_resid_mid (2 layers): reason' rather than one line per layer."""
+    groups: dict = {}
+    for name, reason in reasons.items():
+        groups.setdefault((template(name), reason), []).append(name)
+    return [f"{t}{f' ({len(ns)} layers)' if len(ns) > 1 else ''}: {r}" for (t, r), ns in groups.items()]
+
+
+def _view(args) -> int:
+    from .errors import BadInputError
+
+    try:
+        import netron
+    except ImportError:
+        raise BadInputError("lensgraph view needs Netron: pip install 'lensgraph[view]'") from None
+    if not os.path.isfile(args.model):
+        raise BadInputError(f"{args.model}: no such file")
+    host, port = netron.serve(args.model, address=("127.0.0.1", args.port), browse=args.browse)
+    print(f"serving {args.model} at http://{host}:{port} (Ctrl-C to stop)", flush=True)
+    netron.wait()
     return 0
 
 

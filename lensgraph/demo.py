@@ -36,6 +36,19 @@ def tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4
     return model
 
 
+def tiny_lens_model(folder: str, seed: int = 0) -> str:
+    """A tiny GPT-2, exported (TorchScript, opset 17: the quickest) and processed; returns the processed path."""
+    from .export import export_model
+    from .process import process
+
+    os.makedirs(folder, exist_ok=True)
+    original = os.path.join(folder, "tiny-gpt2.onnx")
+    processed = os.path.join(folder, "tiny-gpt2.lens.onnx")
+    export_model(tiny_gpt2(seed), original, exporter="torchscript", opset=17)
+    process(original, processed)
+    return processed
+
+
 def run_demo(workdir: str, exporter: str = "dynamo", say=print) -> dict:
     from .export import export
     from .model import LensModel

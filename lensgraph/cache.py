@@ -1,0 +1,108 @@
+"""run_with_cache: TransformerLens's view of a model, computed by onnxruntime.
+
+    logits, cache = run_with_cache("gpt2.lens.onnx", input_ids)
+    cache["blocks.0.attn.hook_pattern"]    # numpy, [batch, head, query, key]
+
+Given a model file, the session is built with exactly the hook outputs asked for (any
+earlier hook outputs of the file are replaced): onnxruntime's inference builds run every
+node of a graph whatever is fetched, so an unrequested hook would still cost time, and
+with no hooks requested the session runs the plain graph. Sessions are kept per file,
+provider and choice of points, so repeated calls pay for loading once. Given an
+InferenceSession, its own outputs are the hooks on offer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .errors import BadInputError
+from .hooks import select
+
+_FILES: dict[str, tuple[tuple, list[str]]] = {}  # path -> (file key, placeable points)
+_SESSIONS: dict[tuple, object] = {}
+
+
+def session(model: str | os.PathLike, provider: str = "CPUExecutionProvider", points=None):
+    """The onnxruntime session for a model file with the chosen hook outputs (globs; None: all)."""
+    path, key = _file_key(model)
+    names = select(_points(path, key), points)
+    skey = key + (provider, tuple(names))
+    if skey not in _SESSIONS:
+        for old in [k for k in _SESSIONS if k[0] == path and k[:len(key)] != key]:
+            del _SESSIONS[old]  # the file changed since
+        _SESSIONS[skey] = _open(path, provider, names)
+    return _SESSIONS[skey]
+
+
+def _file_key(model) -> tuple[str, tuple]:
+    path = os.path.abspath(os.fspath(model))
+    if not os.path.isfile(path):
+        raise BadInputError(f"{path}: no such file")
+    stat = os.stat(path)
+    return path, (path, stat.st_mtime_ns, stat.st_size)
+
+
+def _points(path: str, key: tuple) -> list[str]:
+    """Every hook point the anatomy can place in this file (worked out once per file)."""
+    from .hookpoints import place
+    from .hooks import remove_hooks
+    from .model import LensModel
+
+    if path not in _FILES or _FILES[path][0] != key:
+        model = LensModel.load(path)
+        remove_hooks(model)
+        _FILES[path] = (key, list(place(model.graph).points))
+    return _FILES[path][1]
+
+
+def _open(path: str, provider: str, names: list[str]):
+    from .hooks import add_hooks
+    from .model import LensModel
+    from .verify import Runner
+
+    model = LensModel.load(path)
+    add_hooks(model, names)
+    return Runner(model, provider, label=path).session
+
+
+def run_with_cache(model, input_ids, attention_mask=None, points=None, provider: str = "CPUExecutionProvider"):
+    """Logits and a dict of hook-point activations (numpy), named as TransformerLens names them.
+
+    `model` is a path or an onnxruntime InferenceSession; `input_ids` is [batch, pos] (or
+    [pos]); `points` are globs over the hook names (None: every point; []: none).
+    """
+    import onnxruntime as ort
+
+    if isinstance(model, ort.InferenceSession):
+        sess = model
+        outputs = [o.name for o in sess.get_outputs()]
+        logits = "logits" if "logits" in outputs else outputs[0]
+        wanted = select([n for n in outputs if n != logits], points)
+    else:
+        sess = session(model, provider, points)
+        outputs = [o.name for o in sess.get_outputs()]
+        logits = "logits" if "logits" in outputs else outputs[0]
+        wanted = [n for n in outputs if n != logits]
+    values = sess.run([logits] + wanted, _feeds(sess, input_ids, attention_mask))
+    return values[0], dict(zip(wanted, values[1:]))
+
+
+def _feeds(sess, input_ids, attention_mask) -> dict:
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise BadInputError(f"input_ids must be integers shaped [batch, pos], got {ids.dtype} {list(ids.shape)}")
+    feeds = {}
+    for inp in sess.get_inputs():
+        dtype = np.int32 if inp.type == "tensor(int32)" else np.int64
+        if "mask" in inp.name:
+            mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+            feeds[inp.name] = mask.reshape(ids.shape).astype(dtype)
+        elif "position" in inp.name:
+            feeds[inp.name] = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).astype(dtype)
+        else:
+            feeds[inp.name] = ids.astype(dtype)
+    return feeds

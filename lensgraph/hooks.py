@@ -1,0 +1,252 @@
+"""Hook points as graph outputs, named as TransformerLens names them.
+
+Each placed point (see hookpoints.py) becomes a graph output through a node named
+after the point: an Identity for a tensor already in TransformerLens's layout, else the
+Reshape, Expand or Transpose that gives it that layout, or a small subgraph for a norm's
+scale. Nothing existing is renamed or rewired, so the original outputs are unchanged, and
+onnxruntime's fusions are kept (see `_Builder.private_copy`). onnxruntime's inference
+builds run every node whatever is fetched, so each hook costs its copy on every run:
+add only the points you need, or let run_with_cache choose per call.
+
+Hook nodes carry `lensgraph.hook` metadata; adding hooks first removes earlier ones, so
+it can be repeated with other points.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.convenience import convert_attributes
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+
+from . import __version__, match
+from .errors import BadInputError
+from .hookpoints import AS_IS, BROADCAST, HEADS, PER_POSITION, SCALE, Placement, Point, place
+from .model import LensModel
+
+HOOK_KEY = "lensgraph.hook"
+HOOKS_KEY = "lensgraph.hooks"
+
+
+@dataclass
+class HookReport:
+    added: list[str] = field(default_factory=list)
+    unplaced: dict[str, str] = field(default_factory=dict)  # wanted but not placeable, with the reason
+    removed: int = 0  # hook outputs from an earlier run that were replaced
+
+    def to_dict(self) -> dict:
+        return {"added": self.added, "unplaced": self.unplaced, "removed": self.removed}
+
+
+def select(names: list[str], patterns: list[str] | None) -> list[str]:
+    """Names matching any glob in `patterns` (all names when None); a glob matching nothing is an error."""
+    if patterns is None:
+        return list(names)
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    chosen = []
+    for pattern in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise BadInputError(f"no hook point matches '{pattern}' (points: {_summarise(names)})")
+        chosen += [n for n in hits if n not in chosen]
+    return [n for n in names if n in chosen]
+
+
+def hook_names(model: LensModel) -> list[str]:
+    """Hook outputs this model already has, in order."""
+    return [v.name for v in model.graph.outputs if _is_hook(v.producer())]
+
+
+def remove_hooks(model: LensModel) -> int:
+    graph = model.graph
+    hooks = [v for v in graph.outputs if _is_hook(v.producer())]
+    for v in hooks:
+        graph.outputs.remove(v)
+    if hooks:
+        RemoveUnusedNodesPass()(model.ir)  # the hook nodes now feed nothing
+    model.ir.metadata_props.pop(HOOKS_KEY, None)
+    return len(hooks)
+
+
+def add_hooks(model: LensModel, points: list[str] | None = None) -> HookReport:
+    """Add graph outputs at the chosen hook points (globs; default: every point placeable)."""
+    report = HookReport(removed=remove_hooks(model))
+    placement: Placement = place(model.graph)
+    wanted = select(placement.names, points)
+    builder = _Builder(model, placement)
+    for name in wanted:
+        if name in placement.points:
+            builder.add(placement.points[name])
+            report.added.append(name)
+        else:
+            report.unplaced[name] = placement.unplaced[name]
+    model.graph.sort()
+    _infer_shapes(model.ir)
+    for out, rank in builder.ranks:  # graph outputs need a shape, if only a rank
+        if out.shape is None and rank is not None:
+            out.shape = ir.Shape([None] * rank)
+    props = model.ir.metadata_props
+    props[HOOKS_KEY] = json.dumps(report.added)
+    props["lensgraph.version"] = __version__
+    return report
+
+
+def _is_hook(node: ir.Node | None) -> bool:
+    return node is not None and HOOK_KEY in node.metadata_props
+
+
+def _summarise(names: list[str]) -> str:
+    from .hookpoints import template
+
+    seen = []
+    for n in names:
+        t = template(n)
+        if t not in seen:
+            seen.append(t)
+    return ", ".join(seen)
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    try:
+        ShapeInferencePass()(model)
+    except Exception:  # shapes are a convenience for viewers
+        pass
+
+
+class _Builder:
+    """Appends hook nodes; shared helpers (the ids' shape) are made once."""
+
+    def __init__(self, model: LensModel, placement: Placement):
+        self.model = model
+        self.graph = model.graph
+        anatomy = placement.anatomy
+        self.norm_of = {id(n): norm for norm in (anatomy.norms if anatomy else []) for n in norm.nodes}
+        self._copies: dict[int, ir.Value] = {}
+        self.opset = model.graph.opset_imports.get("", 17)
+        self._ids_shape = None
+        self._count = 0
+        self.ranks: list[tuple[ir.Value, int | None]] = []
+
+    # -- small helpers ----------------------------------------------------------------
+    def _const(self, point: str, label: str, array: np.ndarray) -> ir.Value:
+        self._count += 1
+        name = f"{point}/{label}_{self._count}"
+        node = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(array))], name=name)
+        node.outputs[0].name = name
+        node.outputs[0].dtype = ir.DataType.from_numpy(array.dtype)
+        node.outputs[0].shape = ir.Shape(array.shape)
+        self._tag(node, point, f"constant {label}")
+        self.graph.append(node)
+        return node.outputs[0]
+
+    def _node(self, point: str, op: str, inputs, doc: str, out_name: str | None = None, **attrs) -> ir.Value:
+        self._count += 1
+        name = out_name or f"{point}/{op}_{self._count}"
+        node = ir.Node("", op, inputs, attributes=convert_attributes(attrs), name=name)
+        node.outputs[0].name = name
+        self._tag(node, point, doc)
+        self.graph.append(node)
+        return node.outputs[0]
+
+    @staticmethod
+    def _tag(node: ir.Node, point: str, doc: str) -> None:
+        node.metadata_props[HOOK_KEY] = point
+        node.doc_string = f"lensgraph hook {point}: {doc}"
+
+    def _ids(self) -> ir.Value:
+        ids = next((v for v in self.graph.inputs if v.name == "input_ids"), None)
+        ids = ids or next((v for v in self.graph.inputs if v.dtype in (ir.DataType.INT64, ir.DataType.INT32)), None)
+        if ids is None:
+            raise BadInputError("the graph has no integer token-id input to take [batch, pos] from")
+        return ids
+
+    def ids_shape(self) -> ir.Value:
+        if self._ids_shape is None:
+            self._ids_shape = self._node("lensgraph.hooks", "Shape", [self._ids()], "[batch, pos] of the token ids",
+                                         out_name="lensgraph.hooks/batch_pos")
+        return self._ids_shape
+
+    def _dtype_const(self, value: ir.Value, x: float) -> np.ndarray:
+        dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+        return np.array(x, dtype=dtype)
+
+    def private_copy(self, point: str, value: ir.Value) -> ir.Value:
+        """The stream tensor for hooks to read, recomputed when a norm is its only reader.
+
+        onnxruntime fuses a residual Add into the norm that alone reads it
+        (SkipLayerNormalization); one more reader would block that. A Sum of the same two
+        operands gives the same bits without touching the Add, and a Sum is never merged
+        with an Add by common-subexpression elimination.
+        """
+        node = value.producer()
+        if node is None or node.op_type != "Add" or node.domain != "" or len(node.inputs) != 2:
+            return value
+        readers = [n for n, _ in match.value_uses(value) if not _is_hook(n)]
+        norms = {id(self.norm_of.get(id(n))) for n in readers}
+        if not readers or value.is_graph_output() or len(norms) != 1 or id(None) in norms:
+            return value
+        if id(value) not in self._copies:
+            copy = self._node(point, "Sum", list(node.inputs), f"a copy of {value.name} for hooks, so that "
+                              f"{node.name} can still fuse into the norm that reads it",
+                              out_name=f"lensgraph.hooks/{value.name}")
+            copy.dtype, copy.shape = value.dtype, value.shape
+            self._copies[id(value)] = copy
+        return self._copies[id(value)]
+
+    # -- one point --------------------------------------------------------------------
+    def add(self, point: Point) -> None:
+        name, v = point.name, point.value
+        if point.form in (PER_POSITION, SCALE):
+            v = self.private_copy(name, v)
+        rank = None if v.shape is None else len(v.shape)
+        if point.form == AS_IS or (point.form == PER_POSITION and rank == 3):
+            out = self._node(name, "Identity", [v], f"{point.found}", out_name=name)
+        elif point.form == PER_POSITION:
+            shape = self._node(name, "Concat", [self.ids_shape(), self._const(name, "rest", np.array([-1], np.int64))],
+                               "[batch, pos, -1]", axis=0)
+            out = self._node(name, "Reshape", [v, shape], f"{point.found}, as [batch, pos, -1]", out_name=name)
+        elif point.form == BROADCAST:
+            shape = self._node(name, "Concat", [self.ids_shape(), self._const(name, "one", np.array([1], np.int64))],
+                               "[batch, pos, 1]", axis=0)
+            out = self._node(name, "Expand", [v, shape], f"{point.found}, repeated over the batch", out_name=name)
+        elif point.form == HEADS:
+            out = self._node(name, "Transpose", [v], f"{point.found}, as [batch, pos, head, d_head]",
+                             out_name=name, perm=[0, 2, 1, 3])
+        elif point.form == SCALE:
+            out = self._scale(point)
+        else:
+            raise ValueError(point.form)
+        out.dtype = v.dtype
+        self.ranks.append((out, 4 if point.form == HEADS else 3 if point.form != AS_IS else rank))
+        self.graph.outputs.append(out)
+
+    def _scale(self, point: Point) -> ir.Value:
+        """sqrt(mean((x - mean x)^2) + eps), or sqrt(mean(x^2) + eps) for an RMSNorm.
+
+        Built from ReduceSum and Mul rather than the norm's own ReduceMean/Sub/Pow chain, so
+        onnxruntime's common-subexpression step cannot merge it into a decomposed norm and
+        block that norm's fusion.
+        """
+        name, x, norm = point.name, self.private_copy(point.name, point.value), point.norm
+        inv_d = self._const(name, "inv_d", self._dtype_const(x, 1.0 / norm.d_model))
+        eps = self._const(name, "eps", self._dtype_const(x, norm.eps if norm.eps is not None else 1e-5))
+
+        def mean(v):
+            if self.opset >= 13:
+                axes = self._const(name, "axes", np.array([-1], np.int64))
+                total = self._node(name, "ReduceSum", [v, axes], "sum over d_model", keepdims=1)
+            else:
+                total = self._node(name, "ReduceSum", [v], "sum over d_model", axes=[-1], keepdims=1)
+            return self._node(name, "Mul", [total, inv_d], "mean over d_model")
+
+        centred = x
+        if norm.centring:
+            centred = self._node(name, "Sub", [x, mean(x)], "x - mean(x)")
+        square = self._node(name, "Mul", [centred, centred], "squared")
+        var = self._node(name, "Add", [mean(square), eps], "variance + eps")
+        return self._node(name, "Sqrt", [var], f"{point.found}: sqrt(variance + eps)", out_name=name)
