@@ -25,14 +25,6 @@ ABSENT = {
     "neox": {"hook_pos_embed", "blocks.0.hook_resid_mid", "blocks.1.hook_resid_mid"},  # rotary; parallel block
     "llama": {"hook_pos_embed"},  # rotary
 }
-NEEDS_RMSNORM = pytest.mark.xfail(
-    strict=True, reason="the anatomy does not find LLaMA's RMSNorms yet (support is being added to anatomy.py)")
-NEEDS_NEOX_EMBED = pytest.mark.xfail(
-    strict=True, reason="the anatomy leaves GPT-NeoX's embedding uncentred: its output is the first stream tensor, "
-                        "read directly by both norms of the parallel block, which the anatomy counts as readers "
-                        "outside the stream; the processed stream keeps the embedding's mean")
-
-
 def tiny(family: str):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -76,7 +68,7 @@ def close(a, b, rel=1e-5):
     return a.shape == b.shape and float(np.abs(a - b).max()) <= rel * max(float(np.abs(b).max()), 1e-6)
 
 
-CASES = [pytest.param(f, form, marks=[NEEDS_RMSNORM] if f == "llama" else [], id=f"{f}-{form}")
+CASES = [pytest.param(f, form, id=f"{f}-{form}")
          for f in LAYERNORM for form in FORMS]
 
 
@@ -97,11 +89,7 @@ def test_attention_pattern_is_hf_attention(zoo, family, form):
         assert close(cache[f"blocks.{l}.attn.hook_pattern"], out.attentions[l].numpy()), l
 
 
-RESID_CASES = [pytest.param(f, form, marks=[NEEDS_RMSNORM if f == "llama" else NEEDS_NEOX_EMBED], id=f"{f}-{form}")
-               for f in LAYERNORM for form in FORMS]
-
-
-@pytest.mark.parametrize("family,form", RESID_CASES)
+@pytest.mark.parametrize("family,form", CASES)
 def test_resid_pre_is_hf_stream(zoo, family, form):
     hf, path = zoo[family, form]
     ids = feeds(2, 6, seed=1)["input_ids"]
