@@ -9,15 +9,84 @@ Arithmetic is done in float64 and stored back in the tensor's own dtype.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import onnx_ir as ir
 
 from . import match
+from .errors import LensError
+
+
+def file_tensor(source, offset: int, dtype: ir.DataType, shape: ir.Shape, name: str | None) -> ir.TensorProtocol:
+    """A tensor whose bytes stay in a file at `offset` and are read each time they are used.
+
+    `source` is a path or an open binary file. Plain reads, not a memory map: the bytes
+    land in a buffer that is freed after use, so resident memory holds the tensors being
+    rewritten, never the whole model. Little-endian byte order, as ONNX stores it.
+    """
+    np_dtype = dtype.numpy()
+    dims = shape.numpy()
+    count = int(np.prod(dims, dtype=np.int64))
+
+    def read() -> ir.Tensor:
+        arr = np.empty(count, np_dtype)
+        view = memoryview(arr.view(np.uint8))
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb", buffering=0) as f:
+                _read_into(f.fileno(), view, offset, name)
+        else:
+            _read_into(source.fileno(), view, offset, name)
+        return ir.Tensor(arr.reshape(dims), name=name)
+
+    return ir.LazyTensor(read, dtype, shape, name=name)
+
+
+def _read_into(fd: int, view: memoryview, offset: int, name) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if not n:
+            raise OSError(f"file ended before tensor {name!r} was read")
+        done += n
+
+
+class Spill:
+    """A scratch file for rewritten tensors: once final, their bytes wait here, not in memory.
+
+    Nearly every matrix of a model changes; kept in memory they would add up to the model's
+    size. The file is unlinked from the start (the system removes it when it is closed)
+    and lives in the output's folder when that exists, else in the temporary folder.
+    """
+
+    THRESHOLD = 1 << 20  # smaller tensors stay in memory
+
+    def __init__(self, folder: str | None = None):
+        folder = folder if folder and os.path.isdir(folder) else None
+        self.file = tempfile.TemporaryFile(dir=folder, prefix=".lensgraph-spill-")
+
+    def keep(self, array: np.ndarray, name: str) -> ir.TensorProtocol:
+        if array.nbytes < self.THRESHOLD or array.dtype.byteorder == ">":
+            return ir.tensor(array, name=name)
+        try:
+            offset = self.file.seek(0, os.SEEK_END)
+            self.file.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+            self.file.flush()
+        except OSError as exc:
+            raise LensError(f"cannot write rewritten weights to a scratch file ({exc.strerror or exc})") from exc
+        return file_tensor(self.file, offset, ir.DataType.from_numpy(array.dtype), ir.Shape(array.shape), name)
+
+
+def readable_in_place(tensor) -> bool:
+    """Whether `file_tensor` can stand for this external tensor (whole-byte types only)."""
+    return isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth % 8 == 0 and not tensor.dtype.is_string()
 
 
 class WeightStore:
-    def __init__(self, graph: ir.Graph):
+    def __init__(self, graph: ir.Graph, spill: Spill | None = None):
         self.graph = graph
+        self.spill = spill  # where final rewritten tensors wait for the writer (None: in memory)
         self._names = {v.name for v in graph.initializers.values()}
         self.copies = 0  # shared initializers copied instead of edited
         self.written = 0
@@ -26,10 +95,15 @@ class WeightStore:
         return _np_dtype(value)
 
     def read(self, value: ir.Value) -> np.ndarray:
+        """A fresh float64 copy: the caller may change it in place."""
+        return np.array(self.stored(value), dtype=np.float64)
+
+    def stored(self, value: ir.Value) -> np.ndarray:
+        """The values as stored (read-only use: checks that need no float64 copy)."""
         arr = match.const_value(value)
         if arr is None:
             raise ValueError(f"{value.name} is not a constant")
-        return np.asarray(arr, dtype=np.float64)
+        return arr
 
     def _unique(self, base: str) -> str:
         name, k = base, 1
@@ -41,11 +115,14 @@ class WeightStore:
 
     def new_initializer(self, name: str, array: np.ndarray) -> ir.Value:
         name = self._unique(name)
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value = ir.Value(name=name, const_value=self._tensor(array, name))
         value.shape = ir.Shape(array.shape)
         value.dtype = ir.DataType.from_numpy(array.dtype)
         self.graph.register_initializer(value)
         return value
+
+    def _tensor(self, array: np.ndarray, name: str) -> ir.TensorProtocol:
+        return self.spill.keep(array, name) if self.spill is not None else ir.tensor(array, name=name)
 
     def write(self, node: ir.Node, idx: int, array: np.ndarray, dtype=None) -> ir.Value:
         """Give input `idx` of `node` the constant `array`, without touching other users.
@@ -55,7 +132,7 @@ class WeightStore:
         """
         old = node.inputs[idx]
         dtype = np.dtype(dtype) if dtype is not None else _np_dtype(old)
-        array = np.ascontiguousarray(np.asarray(array, dtype=np.float64).astype(dtype))
+        array = np.asarray(array, dtype=np.float64).astype(dtype, order="C")
         self.written += 1
         uses = old.uses() if old is not None else []
         exclusive = (
@@ -66,7 +143,7 @@ class WeightStore:
             and len(uses) == 1
         )
         if exclusive:
-            old.const_value = ir.tensor(array, name=old.name)
+            old.const_value = self._tensor(array, old.name)
             old.shape = ir.Shape(array.shape)
             return old
         if old is not None and old.is_initializer():
@@ -93,8 +170,9 @@ class LinearWeights:
     def dtype(self, lin) -> np.dtype:
         return _np_dtype(lin.node.inputs[1])
 
-    def weight(self, lin) -> np.ndarray:
-        arr = self.store.read(lin.source)
+    def weight(self, lin, stored: bool = False) -> np.ndarray:
+        """W as [in, out] in float64 (a fresh copy), or with `stored` as kept (for checks)."""
+        arr = self.store.stored(lin.source) if stored else self.store.read(lin.source)
         for node in reversed(lin.path):
             if node.op_type == "Transpose":
                 arr = arr.T
@@ -103,8 +181,17 @@ class LinearWeights:
     def set_weight(self, lin, w: np.ndarray) -> None:
         arr = w.T if lin.transposed else w
         target = lin.node.inputs[1]
+        if lin.path and all(p.op_type == "Transpose" and len(p.outputs[0].uses()) == 1 for p in lin.path):
+            # seen through Transposes read only by this map: keep them and store the source's
+            # layout, so the weight is written as it was read (no transposing copy) and the
+            # graph onnxruntime optimises is the one it had
+            for _ in lin.path:
+                arr = arr.T
+            lin.source = self.store.write(lin.path[-1], 0, arr)
+            return
         if lin.path:  # seen through Transpose/Cast: give this node its own initializer
-            new = self.store.new_initializer(lin.source.name or target.name, arr.astype(_np_dtype(target)))
+            new = self.store.new_initializer(lin.source.name or target.name,
+                                             arr.astype(_np_dtype(target), order="C"))
             lin.node.replace_input_with(1, new)
             self.store.written += 1
             lin.source, lin.path = new, []

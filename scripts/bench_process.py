@@ -1,6 +1,6 @@
 """Benchmark: lensgraph file-to-file processing against TransformerLens in memory and the I/O floor.
 
-    python scripts/bench_process.py [--size gpt2-small|gpt2-large] [--repeat N]
+    python scripts/bench_process.py [--size gpt2-small|gpt2-large] [--repeat N] [--external-data]
 
 For the default pipeline with verification off it reports, each in a fresh process:
 lensgraph's file-to-file wall time; TransformerLens 4.x's ProcessWeights.process_weights on the
@@ -20,15 +20,19 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import measure, model_paths, now, size_mib, timed  # noqa: E402
+from benchlib import external_copy, measure, model_paths, now, size_mib, timed  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="gpt2-small", choices=["gpt2-small", "gpt2-large"])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--external-data", action="store_true",
+                        help="read the model from external data (made once from the cached export)")
     args = parser.parse_args()
     checkpoint, model = model_paths(args.size)
+    if args.external_data and not os.path.exists(model + ".data"):
+        model = external_copy(model)
     work = tempfile.mkdtemp(prefix="lensgraph-bench-")
     out = os.path.join(work, "out.onnx")
     external = os.path.exists(model + ".data")
