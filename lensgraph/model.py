@@ -168,10 +168,6 @@ class LensModel:
     def nbytes(self) -> int:
         return sum(v.const_value.nbytes for v in self.graph.initializers.values() if v.const_value is not None)
 
-    def has_external_data(self) -> bool:
-        return any(isinstance(v.const_value, ir.ExternalTensor)
-                   for g in self.ir.graphs() for v in g.initializers.values())
-
     # -- writing ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike, external_data: str | bool | None = None,
              replace_input: bool = False) -> str:

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from .errors import BadInputError
 
@@ -82,12 +81,12 @@ class Runner:
             open_model(os.fspath(model))
             return os.fspath(model)
         if isinstance(model, LensModel):  # streamed to a private folder: no whole-model copy in memory
+            from .model import EXTERNAL_ABOVE
             from .writer import write_model
 
             self._tmp = tempfile.TemporaryDirectory()
             path = os.path.join(self._tmp.name, "model.onnx")
-            big = model.nbytes() >= 2**31 - 2**26
-            write_model(model.ir, path, "model.onnx.data" if big else None)
+            write_model(model.ir, path, "model.onnx.data" if model.nbytes() > EXTERNAL_ABOVE else None)
             return path
         if isinstance(model, onnx.ModelProto):
             if model.ByteSize() < 2**31 - 2**20:

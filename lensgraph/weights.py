@@ -19,28 +19,66 @@ from . import match
 from .errors import LensError
 
 
-def file_tensor(source, offset: int, dtype: ir.DataType, shape: ir.Shape, name: str | None) -> ir.TensorProtocol:
+CHUNK = 1 << 24  # bytes per read or write when a tensor is converted or copied in pieces
+
+
+class FileTensor(ir.LazyTensor):
     """A tensor whose bytes stay in a file at `offset` and are read each time they are used.
 
     `source` is a path or an open binary file. Plain reads, not a memory map: the bytes
     land in a buffer that is freed after use, so resident memory holds the tensors being
-    rewritten, never the whole model. Little-endian byte order, as ONNX stores it.
+    rewritten, never the whole model. `float64` and `copy_to` work in pieces, so neither
+    holds a second full-size copy. Little-endian byte order, as ONNX stores it.
     """
-    np_dtype = dtype.numpy()
-    dims = shape.numpy()
-    count = int(np.prod(dims, dtype=np.int64))
 
-    def read() -> ir.Tensor:
-        arr = np.empty(count, np_dtype)
-        view = memoryview(arr.view(np.uint8))
-        if isinstance(source, (str, os.PathLike)):
-            with open(source, "rb", buffering=0) as f:
-                _read_into(f.fileno(), view, offset, name)
+    def __init__(self, source, offset: int, dtype: ir.DataType, shape: ir.Shape, name: str | None):
+        super().__init__(self._read, dtype, shape, name=name)
+        self.source, self.offset = source, offset
+
+    def _pieces(self, fn) -> None:
+        """Call fn(fd, file offset, byte count) for each piece of the tensor's bytes."""
+        def run(fd):
+            for start in range(0, self.nbytes, CHUNK):
+                fn(fd, self.offset + start, min(CHUNK, self.nbytes - start))
+
+        if isinstance(self.source, (str, os.PathLike)):
+            with open(self.source, "rb", buffering=0) as f:
+                run(f.fileno())
         else:
-            _read_into(source.fileno(), view, offset, name)
-        return ir.Tensor(arr.reshape(dims), name=name)
+            run(self.source.fileno())
 
-    return ir.LazyTensor(read, dtype, shape, name=name)
+    def _read(self) -> ir.Tensor:
+        arr = np.empty(self.size, self.dtype.numpy())
+        flat = memoryview(arr.view(np.uint8))
+        self._pieces(lambda fd, at, n: _read_into(fd, flat[at - self.offset:at - self.offset + n], at, self.name))
+        return ir.Tensor(arr.reshape(self.shape.numpy()), name=self.name)
+
+    def float64(self) -> np.ndarray:
+        out = np.empty(self.size, np.float64)
+        dtype = np.dtype(self.dtype.numpy())
+        item = dtype.itemsize
+        buf = np.empty(min(CHUNK, self.nbytes), np.uint8)
+
+        def convert(fd, at, n):
+            _read_into(fd, memoryview(buf[:n]), at, self.name)
+            first = (at - self.offset) // item
+            out[first:first + n // item] = buf[:n].view(dtype)
+
+        self._pieces(convert)
+        return out.reshape(self.shape.numpy())
+
+    def copy_to(self, f) -> None:
+        buf = np.empty(min(CHUNK, self.nbytes), np.uint8)
+
+        def copy(fd, at, n):
+            _read_into(fd, memoryview(buf[:n]), at, self.name)
+            f.write(memoryview(buf[:n]))
+
+        self._pieces(copy)
+
+
+def file_tensor(source, offset: int, dtype: ir.DataType, shape: ir.Shape, name: str | None) -> FileTensor:
+    return FileTensor(source, offset, dtype, shape, name)
 
 
 def _read_into(fd: int, view: memoryview, offset: int, name) -> None:
@@ -66,16 +104,21 @@ class Spill:
         folder = folder if folder and os.path.isdir(folder) else None
         self.file = tempfile.TemporaryFile(dir=folder, prefix=".lensgraph-spill-")
 
-    def keep(self, array: np.ndarray, name: str) -> ir.TensorProtocol:
-        if array.nbytes < self.THRESHOLD or array.dtype.byteorder == ">":
-            return ir.tensor(array, name=name)
+    def keep(self, array: np.ndarray, dtype: np.dtype, name: str) -> ir.TensorProtocol:
+        """Store `array` (float64, any layout) as `dtype`, casting row blocks on the way out."""
+        dtype = np.dtype(dtype)
+        if array.size * dtype.itemsize < self.THRESHOLD or dtype.byteorder == ">" or array.ndim == 0:
+            return ir.tensor(array.astype(dtype, order="C"), name=name)
+        rows = max(1, CHUNK // max(1, (array.size // max(1, array.shape[0])) * 8))
         try:
             offset = self.file.seek(0, os.SEEK_END)
-            self.file.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+            for start in range(0, array.shape[0], rows):
+                block = array[start:start + rows].astype(dtype, order="C")
+                self.file.write(memoryview(block.reshape(-1).view(np.uint8)))
             self.file.flush()
         except OSError as exc:
             raise LensError(f"cannot write rewritten weights to a scratch file ({exc.strerror or exc})") from exc
-        return file_tensor(self.file, offset, ir.DataType.from_numpy(array.dtype), ir.Shape(array.shape), name)
+        return file_tensor(self.file, offset, ir.DataType.from_numpy(dtype), ir.Shape(array.shape), name)
 
 
 def readable_in_place(tensor) -> bool:
@@ -96,6 +139,10 @@ class WeightStore:
 
     def read(self, value: ir.Value) -> np.ndarray:
         """A fresh float64 copy: the caller may change it in place."""
+        source = match.const_source(value)
+        tensor = source.const_value if source is not None else None
+        if isinstance(tensor, FileTensor) and tensor.dtype.is_floating_point():
+            return tensor.float64()  # converted piece by piece: no full-size copy in the file's dtype
         return np.array(self.stored(value), dtype=np.float64)
 
     def stored(self, value: ir.Value) -> np.ndarray:
@@ -113,16 +160,22 @@ class WeightStore:
         self._names.add(name)
         return name
 
-    def new_initializer(self, name: str, array: np.ndarray) -> ir.Value:
+    def new_initializer(self, name: str, array: np.ndarray, dtype=None) -> ir.Value:
+        """A new initializer holding `array` in `dtype` (default: the array's own)."""
         name = self._unique(name)
-        value = ir.Value(name=name, const_value=self._tensor(array, name))
+        tensor = self._tensor(array, name, dtype)
+        value = ir.Value(name=name, const_value=tensor)
         value.shape = ir.Shape(array.shape)
-        value.dtype = ir.DataType.from_numpy(array.dtype)
+        value.dtype = tensor.dtype
         self.graph.register_initializer(value)
         return value
 
-    def _tensor(self, array: np.ndarray, name: str) -> ir.TensorProtocol:
-        return self.spill.keep(array, name) if self.spill is not None else ir.tensor(array, name=name)
+    def _tensor(self, array: np.ndarray, name: str, dtype=None) -> ir.TensorProtocol:
+        """The stored tensor for `array` in `dtype` (default: its own), spilled when large."""
+        dtype = np.dtype(dtype or array.dtype)
+        if self.spill is not None:
+            return self.spill.keep(array, dtype, name)
+        return ir.tensor(np.asarray(array).astype(dtype, order="C"), name=name)
 
     def write(self, node: ir.Node, idx: int, array: np.ndarray, dtype=None) -> ir.Value:
         """Give input `idx` of `node` the constant `array`, without touching other users.
@@ -132,7 +185,7 @@ class WeightStore:
         """
         old = node.inputs[idx]
         dtype = np.dtype(dtype) if dtype is not None else _np_dtype(old)
-        array = np.asarray(array, dtype=np.float64).astype(dtype, order="C")
+        array = np.asarray(array, dtype=np.float64)
         self.written += 1
         uses = old.uses() if old is not None else []
         exclusive = (
@@ -143,13 +196,13 @@ class WeightStore:
             and len(uses) == 1
         )
         if exclusive:
-            old.const_value = self._tensor(array, old.name)
+            old.const_value = self._tensor(array, old.name, dtype)
             old.shape = ir.Shape(array.shape)
             return old
         if old is not None and old.is_initializer():
             self.copies += 1
         base = old.name if old is not None and old.name else f"{node.name}_input{idx}"
-        new = self.new_initializer(base, array)
+        new = self.new_initializer(base, array, dtype)
         node.replace_input_with(idx, new)
         return new
 
@@ -190,8 +243,7 @@ class LinearWeights:
             lin.source = self.store.write(lin.path[-1], 0, arr)
             return
         if lin.path:  # seen through Transpose/Cast: give this node its own initializer
-            new = self.store.new_initializer(lin.source.name or target.name,
-                                             arr.astype(_np_dtype(target), order="C"))
+            new = self.store.new_initializer(lin.source.name or target.name, arr, _np_dtype(target))
             lin.node.replace_input_with(1, new)
             self.store.written += 1
             lin.source, lin.path = new, []

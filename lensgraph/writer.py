@@ -21,6 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from . import progress, wire
+from .weights import FileTensor
 
 LIMIT = 1024  # initializers over this many bytes are streamed (or go to external data)
 ALIGN = 4096
@@ -103,6 +104,9 @@ def _header(value: ir.Value, external: tuple[str, int, int] | None = None) -> by
 
 def _write_bytes(f, tensor) -> None:
     """Copy a tensor's bytes to `f` without building a second copy where the layout allows."""
+    if isinstance(tensor, FileTensor):  # file to file, a piece at a time
+        tensor.copy_to(f)
+        return
     if tensor.dtype.bitwidth % 8 == 0:
         arr = np.ascontiguousarray(tensor.numpy())
         if arr.dtype.byteorder == ">":
