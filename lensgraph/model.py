@@ -1,9 +1,11 @@
 """LensModel: an ONNX model opened for rewriting, and its safe load and save.
 
 The graph is held in onnx-ir, which keeps every node's name, doc_string and
-metadata_props (dynamo's name scopes, our provenance tags) and reads external data
-lazily through memory maps. Passes change it only through the WeightStore and the
-helpers here; only this module writes files.
+metadata_props (dynamo's name scopes, our provenance tags). Large weights are not
+parsed with it: each is a FileTensor reading its bytes from the model file (or its
+external data) when a pass needs them, and rewritten ones wait in a scratch file until
+writer.py streams them out. Passes change the model only through the WeightStore and
+the helpers here; only this module (through atomic.py) writes files.
 """
 
 from __future__ import annotations
