@@ -9,6 +9,7 @@ prove is left out with a reason, and the passes skip it.
 from __future__ import annotations
 
 import bisect
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -60,15 +61,14 @@ def as_linear(node: ir.Node) -> Linear | str:
         if match.attr(node, "alpha", 1.0) != 1.0 or match.attr(node, "beta", 1.0) != 1.0:
             return "Gemm with alpha or beta other than 1"
     source, path = match.back(node.inputs[1], WEIGHT_PATH_OPS)
-    weight = match.const_value(source)
-    if weight is None:
+    shape = match.const_shape(source)
+    if shape is None:
         return "weight is not a constant"
-    if weight.ndim != 2:
-        return f"weight has {weight.ndim} dimensions"
+    if len(shape) != 2:
+        return f"weight has {len(shape)} dimensions"
     for p in path:
         if p.op_type == "Transpose" and list(match.attr(p, "perm", [1, 0])) != [1, 0]:
             return "weight transpose is not a 2-D transpose"
-    shape = weight.shape
     flips = sum(p.op_type == "Transpose" for p in path)
     transposed = node.op_type == "Gemm" and match.attr(node, "transB", 0) == 1
     if (flips % 2 == 1) != transposed:
@@ -77,20 +77,20 @@ def as_linear(node: ir.Node) -> Linear | str:
         d_in, d_out = shape[0], shape[1]
     lin = Linear(node, source, path, transposed, int(d_in), int(d_out))
     if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        c = match.const_value(node.inputs[2])
-        if c is None or c.size not in (1, d_out):
+        c = match.const_shape(node.inputs[2])
+        if c is None or math.prod(c) not in (1, d_out):
             return "Gemm bias is not a constant vector"
         lin.bias = (node, 2)
     elif node.op_type == "MatMul":
         use = match.single_use(node.outputs[0])
         if use is not None and use[0].op_type == "Add":
             add, idx = use
-            c = match.const_value(match.other_input(add, idx))
-            if c is not None and c.size == d_out and c.shape[-1] == d_out:
+            c = match.const_shape(match.other_input(add, idx))
+            if c is not None and math.prod(c) == d_out and c[-1] == d_out:
                 lin.bias = (add, 1 - idx)
         elif use is not None and use[0].op_type in BIAS_ACTIVATIONS and use[1] == 0:
-            c = match.const_value(use[0].inputs[1]) if len(use[0].inputs) > 1 else None
-            if c is not None and c.size == d_out:
+            c = match.const_shape(use[0].inputs[1]) if len(use[0].inputs) > 1 else None
+            if c is not None and math.prod(c) == d_out:
                 lin.bias = (use[0], 1)  # onnxruntime moved the bias into the activation
     return lin
 
@@ -356,13 +356,13 @@ def _writer(leaf: ir.Value, d_model: int | None, sums: dict) -> Writer | None:
                 writer.blocker = f"writes {lin.d_out} features, not d_model={d_model}"
     elif node.op_type == "Gather" and match.attr(node, "axis", 0) == 0:
         table, _ = match.back(node.inputs[0], {"Identity"})
-        arr = match.const_value(table)
-        if arr is not None and arr.ndim == 2:
+        shape = match.const_shape(table)
+        if shape is not None and len(shape) == 2:
             ids, _ = match.back(node.inputs[1], match.ROW_NOOPS | {"Unsqueeze"})
             role = "embed" if ids.is_graph_input() else "pos_embed"
             writer = Writer("embed", role, table.name or node.name, node, 0, layer=None)
-            if d_model is not None and arr.shape[1] != d_model:
-                writer.blocker = f"table has {arr.shape[1]} columns, not d_model={d_model}"
+            if d_model is not None and shape[1] != d_model:
+                writer.blocker = f"table has {shape[1]} columns, not d_model={d_model}"
     if writer is None:
         return Writer("other", "other", node.name, node, 0,
                       blocker=f"stream term from {node.op_type} {node.name} is not a linear writer")

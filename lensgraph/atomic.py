@@ -21,7 +21,9 @@ import tempfile
 import onnx
 import onnx_ir as ir
 
+from . import wire
 from .errors import BadInputError, LensError
+from .writer import write_model
 
 ALTERNATES = 3  # NAME.data, NAME.1.data, NAME.2.data: enough for any model being replaced
 
@@ -109,10 +111,7 @@ def stage(model: ir.Model, path: str, data_name: str | None, protected: list[str
         raise BadInputError(f"{folder}: cannot write into this folder ({exc.strerror or exc})") from exc
     staged = StagedModel(path, tmpdir, data_name, stale, created)
     try:
-        if data_name:
-            ir.save(model, staged.staged_path, external_data=data_name)
-        else:
-            ir.save(model, staged.staged_path)
+        write_model(model, staged.staged_path, data_name)
     except OSError as exc:  # disk full, permissions: nothing is published
         staged.discard()
         raise LensError(f"{path}: cannot write the output ({exc.strerror or exc}); nothing was written") from exc
@@ -170,7 +169,7 @@ def _alternates(name: str) -> list[str]:
 def data_files_of(path: str) -> set[str]:
     """The external data locations an existing model file reads (empty if it is not a model)."""
     try:
-        proto = onnx.load(path, load_external_data=False)
+        proto = onnx.ModelProto.FromString(wire.skeleton(path)[0])  # the weights are not parsed
     except Exception:
         return set()
     from .safety import all_tensors

@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from . import progress
+
+    progress.set_enabled(not getattr(args, "quiet", False))
     try:
         if args.debug:
             return args.func(args) or 0

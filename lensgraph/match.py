@@ -52,6 +52,17 @@ def const_value(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape of a constant tensor without reading its data (weights stay on disk), else None."""
+    source = const_source(value)
+    if source is None:
+        return None
+    if source.const_value is not None:
+        return tuple(int(d) for d in source.const_value.shape.numpy())
+    arr = const_value(source)
+    return None if arr is None else tuple(np.shape(arr))
+
+
 def is_const(value: ir.Value | None) -> bool:
     return const_source(value) is not None
 

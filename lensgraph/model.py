@@ -1,9 +1,11 @@
 """LensModel: an ONNX model opened for rewriting, and its safe load and save.
 
 The graph is held in onnx-ir, which keeps every node's name, doc_string and
-metadata_props (dynamo's name scopes, our provenance tags) and reads external data
-lazily through memory maps. Passes change it only through the WeightStore and the
-helpers here; only this module writes files.
+metadata_props (dynamo's name scopes, our provenance tags). Large weights are not
+parsed with it: each is a FileTensor reading its bytes from the model file (or its
+external data) when a pass needs them, and rewritten ones wait in a scratch file until
+writer.py streams them out. Passes change the model only through the WeightStore and
+the helpers here; only this module (through atomic.py) writes files.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from . import __version__
 from .atomic import StagedModel, stage
 from .errors import BadInputError, LensError
 from .safety import open_model
-from .weights import WeightStore
+from .weights import Spill, WeightStore, file_tensor, readable_in_place
 
 APPLIED_KEY = "lensgraph.applied"
 TWO_GB = 2**31
-SMALL_TENSOR = 1 << 16  # external tensors up to this size are read into memory on load
+EXTERNAL_ABOVE = TWO_GB - 2**26  # weights over this many bytes always go to external data (protobuf's limit)
 
 
 class LensModel:
@@ -38,19 +40,23 @@ class LensModel:
         self._source_checks: bool | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LensModel":
-        """Open `path` after the checks in safety.py; weights stay memory-mapped until used."""
+    def load(cls, path: str | os.PathLike, scratch: str | None = None) -> "LensModel":
+        """Open `path` after the checks in safety.py; weights stay in the file until used.
+
+        Rewritten weights wait in a scratch file (in folder `scratch`, else the temporary
+        folder) until the model is written, so memory holds one tensor at a time.
+        """
         path = os.fspath(path)
         proto, data_files = open_model(path)
         try:
             model = ir.serde.deserialize_model(proto)
         except Exception as exc:
             raise BadInputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
-        ir.external_data.set_base_dir(model.graph, os.path.dirname(path))
+        _read_in_place(model, path)
         lens = cls(model, path)
+        lens.weights.spill = Spill(scratch)
         lens.input_files = [os.path.realpath(path), *sorted(data_files)]
         lens.external_input = bool(data_files)
-        _inline_small_external(model)
         _infer_shapes(model)
         return lens
 
@@ -99,8 +105,12 @@ class LensModel:
         RemoveUnusedNodesPass()(self.ir)
         self.graph.sort()
 
-    def check(self, full: bool = False) -> None:
-        """Structural checks: every input defined, then the ONNX checker."""
+    def check(self, full: bool = False, checker: bool = True) -> None:
+        """Structural checks: every input defined, then (unless `checker` is off) the ONNX checker.
+
+        The checker sees the graph without its large initializers (onnx-ir strips them), so
+        its cost is the graph's size, not the weights'.
+        """
         defined = {id(v) for v in self.graph.inputs} | {
             id(v) for v in self.graph.initializers.values()
         }
@@ -109,6 +119,8 @@ class LensModel:
                 if value is not None and id(value) not in defined and value.producer() is None:
                     raise LensError(f"node {node.name} reads {value.name}, which nothing defines")
             defined.update(id(v) for v in node.outputs)
+        if not checker:
+            return
         try:
             CheckerPass(full_check=full)(self.ir)
         except Exception as exc:
@@ -120,7 +132,7 @@ class LensModel:
         """Whether the file this model came from passes the ONNX checker (cached)."""
         if self._source_checks is None:
             try:
-                onnx.checker.check_model(self.path) if self.path else None
+                open_model(self.path) if self.path else None
                 self._source_checks = bool(self.path)
             except Exception:
                 self._source_checks = False
@@ -158,10 +170,6 @@ class LensModel:
     def nbytes(self) -> int:
         return sum(v.const_value.nbytes for v in self.graph.initializers.values() if v.const_value is not None)
 
-    def has_external_data(self) -> bool:
-        return any(isinstance(v.const_value, ir.ExternalTensor)
-                   for g in self.ir.graphs() for v in g.initializers.values())
-
     # -- writing ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike, external_data: str | bool | None = None,
              replace_input: bool = False) -> str:
@@ -179,28 +187,34 @@ class LensModel:
         """
         path = os.path.abspath(os.fspath(path))
         _infer_shapes(self.ir)
-        if external_data is None and (self.external_input or self.nbytes() > TWO_GB - 2**26):
+        if external_data is None and (self.external_input or self.nbytes() > EXTERNAL_ABOVE):
             external_data = True
         data_name = None
         if external_data:
             data_name = external_data if isinstance(external_data, str) else os.path.basename(path) + ".data"
-        elif self.has_external_data():
-            ir.external_data.load_to_model(self.ir)
         return stage(self.ir, path, data_name, protected=self.input_files, replace_input=replace_input)
 
 
-def _inline_small_external(model: ir.Model) -> None:
-    """Read small external tensors into memory (after safety.py checked them).
+def _read_in_place(model: ir.Model, path: str) -> None:
+    """Make every large initializer a tensor read from its file only when used.
 
-    onnx-ir hands the ONNX checker and shape inference a copy without the large
-    initializers; small ones stay, and an external one would be looked up relative to
-    the working folder instead of the model's.
+    safety.py has checked every reference; the model's own initializers point at their
+    bytes inside the model file (see safety.open_model), the others into data files in
+    the model's folder.
     """
+    folder = os.path.dirname(os.path.abspath(path))
+    ir.external_data.set_base_dir(model.graph, folder)
     for graph in model.graphs():
         for value in graph.initializers.values():
             tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= SMALL_TENSOR:
-                value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+            if not isinstance(tensor, ir.ExternalTensor):
+                continue
+            if not readable_in_place(tensor):
+                continue  # packed sub-byte types: onnx-ir's own memory map
+            where = os.path.join(folder, tensor.location)
+            if tensor.location == os.path.basename(path):
+                where = os.path.abspath(path)
+            value.const_value = file_tensor(where, tensor.offset or 0, tensor.dtype, tensor.shape, tensor.name)
 
 
 def _infer_shapes(model: ir.Model) -> None:

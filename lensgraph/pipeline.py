@@ -120,7 +120,7 @@ class PassManager:
         reason = nothing_to_rewrite(analyse(model.graph))
         if reason is not None:  # not a transformer: never alter it
             return [PassResult(p.name, skipped=[("model", f"nothing to rewrite: {reason}")]) for p in self.passes]
-        results = []
+        results, anatomy = [], None  # the anatomy after a pass is the next one's: nothing changes between
         for p in self.passes:
             if progress:
                 progress(p.name)
@@ -128,7 +128,7 @@ class PassManager:
                 results.append(PassResult(p.name, already_applied=True))
                 continue
             start = time.perf_counter()
-            anatomy = analyse(model.graph)
+            anatomy = anatomy or analyse(model.graph)
             reason = p.requires(model, anatomy)
             if reason is not None:
                 result = PassResult(p.name)
@@ -136,12 +136,15 @@ class PassManager:
             else:
                 result = p.run(model, anatomy)
                 model.cleanup()
-                if self.check_each:
-                    model.check()
-                p.ensures(model, analyse(model.graph))
+                if self.check_each:  # cheap per pass; the ONNX checker runs once the pipeline is done
+                    model.check(checker=False)
+                anatomy = analyse(model.graph)
+                p.ensures(model, anatomy)
                 model.mark_applied(p.name)
             result.seconds = time.perf_counter() - start
             results.append(result)
+        if self.check_each and any(r.modified for r in results):
+            model.check()
         return results
 
 
@@ -150,7 +153,7 @@ def centred(arr, mean, dtype) -> bool:
     import numpy as np
 
     eps = np.finfo(dtype).eps if np.issubdtype(dtype, np.floating) else 0.0
-    scale = max(float(np.abs(arr).max()), 1e-30)
+    scale = max(float(arr.max()), -float(arr.min()), 1e-30)
     return float(np.abs(mean).max()) <= max(1e-5, 8 * eps) * scale
 
 

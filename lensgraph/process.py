@@ -13,7 +13,6 @@ from .anatomy import analyse
 from .errors import BadInputError, VerificationError
 from .model import LensModel
 from .pipeline import PassManager, nothing_to_rewrite
-from .verify import Runner
 from .verify import verify as verify_models
 
 
@@ -48,7 +47,8 @@ def process(
         raise BadInputError(f"{dst}: is a directory; give the output file's path")
     if not in_place and os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
         raise BadInputError(f"{dst}: output would overwrite the input (use --in-place to replace it)")
-    model = LensModel.load(src)
+    folder = os.path.dirname(os.path.abspath(dst))
+    model = LensModel.load(src, scratch=folder if os.path.isdir(folder) else None)
     report = {
         "input": src,
         "input_files": model.input_files,
@@ -73,10 +73,12 @@ def process(
         report["seconds"] = time.perf_counter() - start
         return report
     model.check(full=True)
-    with model.stage(dst, external_data=external_data, replace_input=in_place) as staged:
-        if verify and changed:  # check the very files that will be published
-            written = Runner(staged.staged_path, provider, label=f"{dst} (as written)")
-            result = verify_models(src, written, provider=provider, tolerance=tolerance)
+    staged = model.stage(dst, external_data=external_data, replace_input=in_place)
+    del model  # the rewritten weights are on disk now; verification needs the memory
+    with staged:
+        if verify and changed:  # check the very files that will be published, one model at a time
+            result = verify_models(src, staged.staged_path, provider=provider, tolerance=tolerance,
+                                   label_b=f"{dst} (as written)")
             report["verification"] = result.to_dict()
             if not result.ok:
                 raise VerificationError(

@@ -19,32 +19,93 @@ from typing import Iterator
 import onnx
 import onnx_ir as ir
 
+from . import wire
 from .errors import BadInputError
 
+SMALL_TENSOR = 1 << 16  # external tensors up to this size are read into memory on open
 STANDARD_DOMAINS = {"": "", "ai.onnx": ""}  # the default domain has two spellings
 
 
 def open_model(path: str) -> tuple[onnx.ModelProto, set[str]]:
-    """Parse `path` (external data not loaded) after checking it is safe and usable.
+    """Parse `path` after checking it is safe and usable, without reading its large weights.
 
-    Returns the parsed model and the real paths of the external data files it reads.
+    The model is parsed as its skeleton (wire.py): each large initializer stored in the
+    file itself becomes external data pointing at its own bytes in the model file, so
+    every check below runs on a message of a few megabytes, whatever the model's size.
+    Small external tensors are read into the message (after their references are checked),
+    since shape inference needs constant shapes. Returns the parsed skeleton and the real
+    paths of the separate external data files it reads.
     """
     _check_file(path)
     try:
-        proto = onnx.load(path, load_external_data=False)
+        data, cut = wire.skeleton(path)
+        proto = onnx.ModelProto.FromString(data)
     except Exception as exc:  # protobuf and onnx raise many types for bad bytes
         raise BadInputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
     if not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise BadInputError(f"{path}: not an ONNX model, or its graph has no nodes (truncated or not ONNX?)")
     data_files = check_external_data(proto, path)
+    _inline_small_external(proto, path)
+    _point_at_own_bytes(proto, path, cut)
     check_inline_data(proto, path)
-    try:  # by path, so external data resolves against the model's folder; full: types and shapes too
-        onnx.checker.check_model(path, full_check=True)
+    try:  # full: types and shapes too
+        onnx.checker.check_model(_without_external(proto), full_check=True)
     except Exception as exc:
         if not _runtime_contrib_op(str(exc)):
             raise BadInputError(f"{path}: fails the ONNX checker ({_first_line(exc)})") from exc
     check_runtime_support(proto, path)
     return proto, data_files
+
+
+def _without_external(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for the checker where external initializers are typed graph inputs instead.
+
+    The checker would look for external files relative to the working folder; their
+    references are checked above, and their types and shapes still take part here.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    graph = copy.graph
+    keep = [t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    moved = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if moved:
+        names = {i.name for i in graph.input}
+        graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                           for t in moved if t.name not in names)
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return copy
+
+
+def _point_at_own_bytes(proto: onnx.ModelProto, path: str, cut: list) -> None:
+    initializers = proto.graph.initializer
+    for piece in cut:
+        tensor = initializers[piece.index]
+        needed = _nbytes(tensor)
+        if needed is not None and needed != piece.length:
+            raise BadInputError(f"{path}: tensor {tensor.name!r} of shape {list(tensor.dims)} holds "
+                                f"{piece.length} bytes, not {needed}")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", os.path.basename(path)), ("offset", piece.offset),
+                     ("length", piece.length)):
+            tensor.external_data.add(key=k, value=str(v))
+
+
+def _inline_small_external(proto: onnx.ModelProto, path: str) -> None:
+    """Read external tensors up to SMALL_TENSOR bytes into the message (references already checked)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        length = int(info["length"]) if "length" in info else _nbytes(tensor)
+        if length is None or length > SMALL_TENSOR:
+            continue
+        with open(os.path.join(folder, info["location"]), "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            tensor.raw_data = f.read(length)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
 
 
 def _check_file(path: str) -> None:

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from .errors import BadInputError
 
@@ -81,14 +80,14 @@ class Runner:
         if isinstance(model, (str, os.PathLike)):
             open_model(os.fspath(model))
             return os.fspath(model)
-        if isinstance(model, LensModel) and (model.has_external_data() or model.nbytes() >= 2**31 - 2**20):
-            # onnxruntime resolves external data next to a file: write one in a private folder
+        if isinstance(model, LensModel):  # streamed to a private folder: no whole-model copy in memory
+            from .model import EXTERNAL_ABOVE
+            from .writer import write_model
+
             self._tmp = tempfile.TemporaryDirectory()
             path = os.path.join(self._tmp.name, "model.onnx")
-            ir.save(model.ir, path, external_data="model.onnx.data")
+            write_model(model.ir, path, "model.onnx.data" if model.nbytes() > EXTERNAL_ABOVE else None)
             return path
-        if isinstance(model, LensModel):
-            model = model.to_proto()
         if isinstance(model, onnx.ModelProto):
             if model.ByteSize() < 2**31 - 2**20:
                 return model.SerializeToString()
@@ -155,18 +154,29 @@ def verify(
     tolerance: float | None = None,
     provider: str = "CPUExecutionProvider",
     seed: int = 0,
+    label_b: str | None = None,
 ) -> VerifyResult:
-    """Compare centred logits of two models; ok when the worst relative gap is within tolerance."""
+    """Compare centred logits of two models; ok when the worst relative gap is within tolerance.
+
+    The models run one after the other: the original's logits are kept (they are small)
+    and its session released before the rewritten model is loaded, so memory holds one
+    model at a time, whatever its size.
+    """
     a = original if isinstance(original, Runner) else Runner(original, provider)
-    b = rewritten if isinstance(rewritten, Runner) else Runner(rewritten, provider)
+    label_a, output = a.label, a.output
     vocab = a.vocab_size()
     rng = np.random.default_rng(seed)
-    worst_abs, scale, dtype = 0.0, 0.0, None
+    runs = []
     for batch, seq in shapes:
         feeds = a.feeds(batch, seq, vocab, rng)
-        la, lb = a.run(feeds), b.run(feeds)
+        runs.append((feeds, a.run(feeds)))
+    del a
+    b = rewritten if isinstance(rewritten, Runner) else Runner(rewritten, provider, label=label_b)
+    worst_abs, scale, dtype = 0.0, 0.0, None
+    for feeds, la in runs:
+        lb = b.run(feeds)
         if la.shape != lb.shape:
-            raise BadInputError(f"{a.label} and {b.label}: logits shapes differ: {la.shape} vs {lb.shape}")
+            raise BadInputError(f"{label_a} and {b.label}: logits shapes differ: {la.shape} vs {lb.shape}")
         dtype = la.dtype
         ca, cb = centred(la), centred(lb)
         worst_abs = max(worst_abs, float(np.abs(ca - cb).max()))
@@ -174,4 +184,4 @@ def verify(
     rel = worst_abs / max(scale, 1e-30)
     tol = tolerance if tolerance is not None else TOLERANCE.get(np.dtype(dtype), 1e-4)
     ok = bool(np.isfinite(rel) and rel <= tol)
-    return VerifyResult(ok, rel, worst_abs, tol, scale, [list(s) for s in shapes], provider, a.output)
+    return VerifyResult(ok, rel, worst_abs, tol, scale, [list(s) for s in shapes], provider, output)

@@ -4,6 +4,8 @@ W_U [d_model, vocab] -= W_U.mean(axis=1), b_U -= mean(b_U): every logit at a pos
 moves by the same constant, which softmax ignores.
 """
 
+import numpy as np
+
 from lensgraph.pipeline import Pass, PassResult, centred, check, register
 from lensgraph.weights import LinearWeights
 
@@ -26,7 +28,8 @@ class CenterUnembed(Pass):
         result = PassResult(self.name, matched=1)
         linear, lin = LinearWeights(model.weights), anatomy.unembed
         weight = linear.weight(lin)
-        linear.set_weight(lin, weight - weight.mean(axis=1, keepdims=True))
+        weight -= weight.mean(axis=1, keepdims=True)
+        linear.set_weight(lin, weight)
         if lin.bias is not None:
             bias = linear.bias(lin)
             linear.set_bias(lin, bias - bias.mean())
@@ -37,5 +40,6 @@ class CenterUnembed(Pass):
 
     def ensures(self, model, anatomy) -> None:
         linear = LinearWeights(model.weights)
-        weight = linear.weight(anatomy.unembed)
-        check(centred(weight, weight.mean(axis=1), linear.dtype(anatomy.unembed)), "unembedding is not centred")
+        weight = linear.weight(anatomy.unembed, stored=True)
+        mean = weight.mean(axis=1, dtype=np.float64)
+        check(centred(weight, mean, linear.dtype(anatomy.unembed)), "unembedding is not centred")

@@ -5,6 +5,8 @@ embedding and position tables. Exact only when every reader of the stream is a
 centring LayerNorm, which removes the mean anyway; the anatomy proves that or says why not.
 """
 
+import numpy as np
+
 from lensgraph import match
 from lensgraph.pipeline import Pass, PassResult, centred, check, register
 from lensgraph.weights import LinearWeights
@@ -36,7 +38,8 @@ class CenterWritingWeights(Pass):
             if writer.kind == "linear":
                 lin = writer.linear
                 weight = linear.weight(lin)
-                linear.set_weight(lin, weight - weight.mean(axis=1, keepdims=True))
+                weight -= weight.mean(axis=1, keepdims=True)
+                linear.set_weight(lin, weight)
                 if lin.bias is not None:
                     bias = linear.bias(lin)
                     linear.set_bias(lin, bias - bias.mean())
@@ -44,7 +47,8 @@ class CenterWritingWeights(Pass):
             else:
                 table, _ = match.back(writer.node.inputs[writer.idx], {"Identity"})
                 arr = store.read(table)
-                store.write(writer.node, writer.idx, arr - arr.mean(axis=-1, keepdims=True))
+                arr -= arr.mean(axis=-1, keepdims=True)
+                store.write(writer.node, writer.idx, arr)
                 model.tag(writer.node, self.name, "table -= mean(table, axis=d_model)")
             result.rewritten += 1
         result.modified = result.rewritten > 0
@@ -55,11 +59,11 @@ class CenterWritingWeights(Pass):
         for writer in anatomy.writers:
             if writer.blocker:
                 continue
-            if writer.kind == "linear":
-                arr, dtype = linear.weight(writer.linear), linear.dtype(writer.linear)
-                mean = arr.mean(axis=1)
+            if writer.kind == "linear":  # as stored: no float64 copy, the mean is taken in float64
+                arr, dtype = linear.weight(writer.linear, stored=True), linear.dtype(writer.linear)
+                mean = arr.mean(axis=1, dtype=np.float64)
             else:
                 value = writer.node.inputs[writer.idx]
-                arr, dtype = model.weights.read(value), model.weights.dtype(value)
-                mean = arr.mean(axis=-1)
+                arr, dtype = model.weights.stored(value), model.weights.dtype(value)
+                mean = arr.mean(axis=-1, dtype=np.float64)
             check(centred(arr, mean, dtype), f"writer {writer.name} is not centred")

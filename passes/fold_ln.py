@@ -31,9 +31,9 @@ class FoldLayerNorm(Pass):
                 weight, bias = linear.weight(lin), linear.bias(lin)
                 if norm.centring:
                     bias = bias + b @ weight
-                weight = w[:, None] * weight
+                weight *= w[:, None]  # in place: `weight` is a fresh float64 copy
                 if norm.centring:
-                    weight = weight - weight.mean(axis=0, keepdims=True)
+                    weight -= weight.mean(axis=0, keepdims=True)
                 linear.set_weight(lin, weight)
                 if lin.bias is not None or np.any(bias != 0):
                     linear.set_bias(lin, bias)

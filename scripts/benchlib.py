@@ -45,6 +45,18 @@ def model_paths(size: str) -> tuple[str, str]:
     return checkpoint, onnx_path
 
 
+def external_copy(onnx_path: str) -> str:
+    """The same model with its weights in external data (model.onnx + model.onnx.data), made once."""
+    folder = os.path.join(os.path.dirname(onnx_path), "external")
+    path = os.path.join(folder, "model.onnx")
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        code = ("from lensgraph.model import LensModel\n"
+                f"LensModel.load({onnx_path!r}).save({path!r}, external_data=True)\n")
+        subprocess.run([sys.executable, "-c", code], check=True)
+    return path
+
+
 def measure(code: str) -> dict:
     """Run `code` in a fresh interpreter; it prints a JSON dict with 'seconds'. Adds peak RSS."""
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -127,15 +127,15 @@ def test_failed_final_rename_keeps_the_previous_output_loadable(capsys, tmp_path
 
 
 def test_failed_write_publishes_nothing(capsys, tmp_path, gpt2_exports, monkeypatch):
-    real_save = lensgraph.atomic.ir.save
+    real_write = lensgraph.atomic.write_model
 
-    def save_half_then_fail(model, path, **kwargs):
-        real_save(model, path, **kwargs)
+    def write_half_then_fail(model, path, *args, **kwargs):
+        real_write(model, path, *args, **kwargs)
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lensgraph.atomic.ir, "save", save_half_then_fail)
+    monkeypatch.setattr(lensgraph.atomic, "write_model", write_half_then_fail)
     out = tmp_path / "lens.onnx"
     code, _, err = cli(capsys, "process", gpt2_exports["dynamo"], "-o", out)
     assert code == 3 and "cannot write the output (No space left on device)" in one_error_line(err)
