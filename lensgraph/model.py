@@ -22,7 +22,7 @@ from onnx_ir.passes.common import CheckerPass, RemoveUnusedNodesPass, ShapeInfer
 from . import __version__
 from .atomic import StagedModel, stage
 from .errors import BadInputError, LensError
-from .safety import open_model
+from .safety import open_model, runtime_contrib_op
 from .weights import Spill, WeightStore, file_tensor, readable_in_place
 
 APPLIED_KEY = "lensgraph.applied"
@@ -37,7 +37,6 @@ class LensModel:
         self.input_files: list[str] = []  # the input model and its data files: never overwritten
         self.external_input = False  # the input kept its weights in external data
         self.weights = WeightStore(model.graph)
-        self._source_checks: bool | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, scratch: str | None = None) -> "LensModel":
@@ -124,19 +123,9 @@ class LensModel:
         try:
             CheckerPass(full_check=full)(self.ir)
         except Exception as exc:
-            if not self._source_passes_checker():
-                return  # e.g. onnxruntime's contrib ops in the default domain: judged by verification
+            if runtime_contrib_op(str(exc)):
+                return  # onnxruntime's ops in the default domain: judged by running it
             raise LensError(f"rewritten model fails the ONNX checker: {_first_line(exc)}") from exc
-
-    def _source_passes_checker(self) -> bool:
-        """Whether the file this model came from passes the ONNX checker (cached)."""
-        if self._source_checks is None:
-            try:
-                open_model(self.path) if self.path else None
-                self._source_checks = bool(self.path)
-            except Exception:
-                self._source_checks = False
-        return self._source_checks
 
     def to_proto(self) -> onnx.ModelProto:
         return ir.serde.serialize_model(self.ir)

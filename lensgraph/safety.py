@@ -51,7 +51,7 @@ def open_model(path: str) -> tuple[onnx.ModelProto, set[str]]:
     try:  # full: types and shapes too
         onnx.checker.check_model(_without_external(proto), full_check=True)
     except Exception as exc:
-        if not _runtime_contrib_op(str(exc)):
+        if not runtime_contrib_op(str(exc)):
             raise BadInputError(f"{path}: fails the ONNX checker ({_first_line(exc)})") from exc
     check_runtime_support(proto, path)
     return proto, data_files
@@ -288,7 +288,7 @@ def _all_nodes(proto: onnx.ModelProto):
         yield from walk(function.node)
 
 
-def _runtime_contrib_op(message: str) -> bool:
+def runtime_contrib_op(message: str) -> bool:
     """Whether the checker only objects to an op that onnxruntime registers in the default
     domain (its optimiser writes SimplifiedLayerNormalization there); the ops are still
     checked against onnxruntime below, and every rewrite is verified by running it."""
