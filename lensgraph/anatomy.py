@@ -161,10 +161,6 @@ class Anatomy:
     def d_model(self) -> int | None:
         return self.norms[0].d_model if self.norms else None
 
-    @property
-    def is_transformer(self) -> bool:
-        return bool(self.norms) or self.unembed is not None
-
 
 def analyse(graph: ir.Graph) -> Anatomy:
     order = {id(n): i for i, n in enumerate(graph)}

@@ -77,10 +77,6 @@ def value_uses(value: ir.Value) -> list[tuple[ir.Node, int]]:
     return [(u.node, u.idx) for u in value.uses() if u.node.op_type not in SHAPE_ONLY]
 
 
-def is_graph_output(value: ir.Value) -> bool:
-    return value.is_graph_output()
-
-
 def is_noop(node: ir.Node, ops=ROW_NOOPS) -> bool:
     if node.domain not in ("", "ai.onnx") or node.op_type not in ops:
         return False
@@ -112,7 +108,7 @@ def forward(value: ir.Value, ops=ROW_NOOPS) -> tuple[list[tuple[ir.Node, int, ir
         if id(v) in seen:
             continue
         seen.add(id(v))
-        reaches_output |= is_graph_output(v)
+        reaches_output |= v.is_graph_output()
         for node, idx in value_uses(v):
             if idx == 0 and is_noop(node, ops) and len(node.outputs) >= 1:
                 if node.op_type == "Dropout" and len(node.outputs) > 1 and node.outputs[1].uses():
@@ -131,7 +127,7 @@ def other_input(node: ir.Node, idx: int) -> ir.Value | None:
 
 def single_use(value: ir.Value) -> tuple[ir.Node, int] | None:
     uses = value_uses(value)
-    if len(uses) == 1 and not is_graph_output(value):
+    if len(uses) == 1 and not value.is_graph_output():
         return uses[0]
     return None
 

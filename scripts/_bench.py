@@ -30,6 +30,20 @@ def gpt2(folder: str, size: str, exporter: str = "torchscript", opset: int | Non
     return path
 
 
+def parser(doc: str):
+    """The options every in-process latency benchmark takes."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--dir", help="keep the models here (default: a temporary folder)")
+    return p
+
+
 def session(model, threads: int, provider: str = "CPUExecutionProvider"):
     import onnxruntime as ort
 

@@ -10,7 +10,6 @@ SimplifiedLayerNormalization, at opset 23 they are RMSNormalization nodes.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -28,14 +27,8 @@ FORMS = {"torchscript17": ("torchscript", 17), "torchscript14": ("torchscript", 
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=sorted(_bench.SIZES), default="small")
+    parser = _bench.parser(__doc__)
     parser.add_argument("--forms", nargs="+", choices=sorted(FORMS), default=list(FORMS))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--dir", help="keep the models here (default: a temporary folder)")
     args = parser.parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,7 +6,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from lensgraph.pipeline import Pass, PassResult
 from lensgraph.verify import centred
+from lensgraph.weights import LinearWeights
 
 
 def feeds(batch: int = 2, seq: int = 6, vocab: int = 96, seed: int = 0) -> dict:
@@ -39,3 +41,15 @@ def logits_gap(original: str, rewritten: str, shapes=((1, 7), (2, 5), (3, 1))) -
         x = feeds(b, s, seed=i)
         gap = max(gap, relative_gap(run(original, x)["logits"], run(rewritten, x)["logits"]))
     return gap
+
+
+class BreakUnembed(Pass):
+    """A deliberately wrong rewrite: verification must catch it."""
+
+    name = "break_unembed"
+
+    def run(self, model, anatomy):
+        linear = LinearWeights(model.weights)
+        w = linear.weight(anatomy.unembed)
+        linear.set_weight(anatomy.unembed, w + np.random.default_rng(0).normal(0, 0.1, w.shape))
+        return PassResult(self.name, matched=1, rewritten=1, modified=True)

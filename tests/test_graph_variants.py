@@ -13,11 +13,11 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from helpers import feeds, logits_gap, run
+from helpers import BreakUnembed, feeds, logits_gap, run
 from lensgraph import VerificationError, match
 from lensgraph.anatomy import analyse
 from lensgraph.model import LensModel
-from lensgraph.pipeline import Pass, PassManager, PassResult
+from lensgraph.pipeline import PassManager
 from lensgraph.process import process
 from lensgraph.weights import LinearWeights
 
@@ -143,18 +143,6 @@ def test_initializer_read_outside_a_rewrite_is_copied(gpt2_exports, tmp_path):
     before, after = run(src, x)["scale_squared"], run(str(out), x)["scale_squared"]
     np.testing.assert_array_equal(before, after)
     assert not np.allclose(before, 1.0)
-
-
-class BreakUnembed(Pass):
-    """A deliberately wrong rewrite: verification must catch it."""
-
-    name = "break_unembed"
-
-    def run(self, model, anatomy):
-        linear = LinearWeights(model.weights)
-        w = linear.weight(anatomy.unembed)
-        linear.set_weight(anatomy.unembed, w + np.random.default_rng(0).normal(0, 0.1, w.shape))
-        return PassResult(self.name, matched=1, rewritten=1, modified=True)
 
 
 def test_failed_verification_writes_nothing(gpt2_exports, tmp_path):

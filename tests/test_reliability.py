@@ -12,9 +12,9 @@ import pytest
 
 import handmade
 from files import cli, cli_subprocess, one_error_line, snapshot
+from helpers import BreakUnembed
 from lensgraph import VerificationError
-from lensgraph.pipeline import REGISTRY, Pass, PassResult
-from lensgraph.weights import LinearWeights
+from lensgraph.pipeline import REGISTRY
 
 
 def _truncated(good: bytes) -> bytes:
@@ -189,18 +189,6 @@ def test_norm_without_residual_stream_is_left_alone(tmp_path):
 
 
 # -- refusing wrong results ----------------------------------------------------------------
-class BreakUnembed(Pass):
-    """A deliberately wrong rewrite: verification must catch it."""
-
-    name = "break_unembed"
-
-    def run(self, model, anatomy):
-        linear = LinearWeights(model.weights)
-        w = linear.weight(anatomy.unembed)
-        linear.set_weight(anatomy.unembed, w + np.random.default_rng(0).normal(0, 0.1, w.shape))
-        return PassResult(self.name, matched=1, rewritten=1, modified=True)
-
-
 @pytest.mark.parametrize("where", ["new", "replace", "in_place"])
 def test_failed_verification_exits_1_and_writes_nothing(capsys, tmp_path, good, monkeypatch, where):
     monkeypatch.setitem(REGISTRY, "break_unembed", BreakUnembed)
