@@ -3,8 +3,8 @@
 The graph is held in onnx-ir, which keeps every node's name, doc_string and
 metadata_props (dynamo's name scopes, our provenance tags). Large weights are not
 parsed with it: each is a FileTensor reading its bytes from the model file (or its
-external data) when a pass needs them, and rewritten ones wait in a scratch file until
-writer.py streams them out. Passes change the model only through the WeightStore and
+external data) when a pass needs them; rewritten matrices are Deferred (deferred.py),
+computed block by block while writer.py streams them out. Passes change the model only through the WeightStore and
 the helpers here; only this module (through atomic.py) writes files.
 """
 
@@ -23,7 +23,7 @@ from . import __version__
 from .atomic import StagedModel, stage
 from .errors import BadInputError, LensError
 from .safety import open_model, runtime_contrib_op
-from .weights import Spill, WeightStore, file_tensor, readable_in_place
+from .weights import WeightStore, file_tensor, readable_in_place
 
 APPLIED_KEY = "lensgraph.applied"
 TWO_GB = 2**31
@@ -39,12 +39,8 @@ class LensModel:
         self.weights = WeightStore(model.graph)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, scratch: str | None = None) -> "LensModel":
-        """Open `path` after the checks in safety.py; weights stay in the file until used.
-
-        Rewritten weights wait in a scratch file (in folder `scratch`, else the temporary
-        folder) until the model is written, so memory holds one tensor at a time.
-        """
+    def load(cls, path: str | os.PathLike) -> "LensModel":
+        """Open `path` after the checks in safety.py; weights stay in the file until used."""
         path = os.fspath(path)
         proto, data_files = open_model(path)
         try:
@@ -53,7 +49,6 @@ class LensModel:
             raise BadInputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
         _read_in_place(model, path)
         lens = cls(model, path)
-        lens.weights.spill = Spill(scratch)
         lens.input_files = [os.path.realpath(path), *sorted(data_files)]
         lens.external_input = bool(data_files)
         _infer_shapes(model)

@@ -47,8 +47,7 @@ def process(
         raise BadInputError(f"{dst}: is a directory; give the output file's path")
     if not in_place and os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
         raise BadInputError(f"{dst}: output would overwrite the input (use --in-place to replace it)")
-    folder = os.path.dirname(os.path.abspath(dst))
-    model = LensModel.load(src, scratch=folder if os.path.isdir(folder) else None)
+    model = LensModel.load(src)
     report = {
         "input": src,
         "input_files": model.input_files,

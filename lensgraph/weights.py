@@ -1,22 +1,25 @@
-"""WeightStore: reading initializers as float64 and writing them back copy-on-write.
+"""WeightStore: reading initializers and writing them back copy-on-write.
 
 Exporters de-duplicate identical tensors, so one initializer may feed several nodes
 (all LayerNorm scales, a tied embedding and unembedding). A rewrite that changes the
 weight seen by one node must never change what the others see: a shared initializer
 is copied for the node being rewritten, and only an exclusively used one is replaced.
-Arithmetic is done in float64 and stored back in the tensor's own dtype.
+Arithmetic is done in float64 and stored back in the tensor's own dtype. Matrices are
+handed to passes as `Deferred` (see deferred.py): their changes are recorded, not applied,
+and computed once, block by block, when the model is written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
-import tempfile
 
 import numpy as np
 import onnx_ir as ir
 
 from . import match
-from .errors import LensError
+from .deferred import Deferred, DeferredTensor
 
 
 CHUNK = 1 << 24  # bytes per read or write when a tensor is converted or copied in pieces
@@ -25,10 +28,9 @@ CHUNK = 1 << 24  # bytes per read or write when a tensor is converted or copied 
 class FileTensor(ir.LazyTensor):
     """A tensor whose bytes stay in a file at `offset` and are read each time they are used.
 
-    `source` is a path or an open binary file. Plain reads, not a memory map: the bytes
-    land in a buffer that is freed after use, so resident memory holds the tensors being
-    rewritten, never the whole model. `float64` and `copy_to` work in pieces, so neither
-    holds a second full-size copy. Little-endian byte order, as ONNX stores it.
+    `source` is a path or an open binary file. `mapped` gives the values over a memory map
+    that lasts as long as the array (no copy, and resident only while in use); `copy_to`
+    copies in pieces. Nothing holds the whole model. Little-endian, as ONNX stores it.
     """
 
     def __init__(self, source, offset: int, dtype: ir.DataType, shape: ir.Shape, name: str | None):
@@ -53,19 +55,22 @@ class FileTensor(ir.LazyTensor):
         self._pieces(lambda fd, at, n: _read_into(fd, flat[at - self.offset:at - self.offset + n], at, self.name))
         return ir.Tensor(arr.reshape(self.shape.numpy()), name=self.name)
 
-    def float64(self) -> np.ndarray:
-        out = np.empty(self.size, np.float64)
-        dtype = np.dtype(self.dtype.numpy())
-        item = dtype.itemsize
-        buf = np.empty(min(CHUNK, self.nbytes), np.uint8)
-
-        def convert(fd, at, n):
-            _read_into(fd, memoryview(buf[:n]), at, self.name)
-            first = (at - self.offset) // item
-            out[first:first + n // item] = buf[:n].view(dtype)
-
-        self._pieces(convert)
-        return out.reshape(self.shape.numpy())
+    def mapped(self) -> np.ndarray:
+        """The stored values, read-only, over a memory map that is unmapped with the array."""
+        shape, dtype = self.shape.numpy(), np.dtype(self.dtype.numpy()).newbyteorder("<")
+        if self.nbytes == 0:
+            return np.empty(shape, dtype)
+        with contextlib.ExitStack() as stack:
+            if isinstance(self.source, (str, os.PathLike)):
+                fd = stack.enter_context(open(self.source, "rb", buffering=0)).fileno()
+            else:
+                fd = self.source.fileno()
+            if os.fstat(fd).st_size < self.offset + self.nbytes:  # a map past the end would crash
+                raise OSError(f"file ended before tensor {self.name!r} was read")
+            start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
+            view = mmap.mmap(fd, self.offset + self.nbytes - start, flags=mmap.MAP_SHARED | _POPULATE,
+                             prot=mmap.PROT_READ, offset=start)
+        return np.frombuffer(view, dtype, count=self.size, offset=self.offset - start).reshape(shape)
 
     def copy_to(self, f) -> None:
         buf = np.empty(min(CHUNK, self.nbytes), np.uint8)
@@ -75,6 +80,9 @@ class FileTensor(ir.LazyTensor):
             f.write(memoryview(buf[:n]))
 
         self._pieces(copy)
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once, not one fault at a time
 
 
 def file_tensor(source, offset: int, dtype: ir.DataType, shape: ir.Shape, name: str | None) -> FileTensor:
@@ -90,46 +98,14 @@ def _read_into(fd: int, view: memoryview, offset: int, name) -> None:
         done += n
 
 
-class Spill:
-    """A scratch file for rewritten tensors: once final, their bytes wait here, not in memory.
-
-    Nearly every matrix of a model changes; kept in memory they would add up to the model's
-    size. The file is unlinked from the start (the system removes it when it is closed)
-    and lives in the output's folder when that exists, else in the temporary folder.
-    """
-
-    THRESHOLD = 1 << 20  # smaller tensors stay in memory
-
-    def __init__(self, folder: str | None = None):
-        folder = folder if folder and os.path.isdir(folder) else None
-        self.file = tempfile.TemporaryFile(dir=folder, prefix=".lensgraph-spill-")
-
-    def keep(self, array: np.ndarray, dtype: np.dtype, name: str) -> ir.TensorProtocol:
-        """Store `array` (float64, any layout) as `dtype`, casting row blocks on the way out."""
-        dtype = np.dtype(dtype)
-        if array.size * dtype.itemsize < self.THRESHOLD or dtype.byteorder == ">" or array.ndim == 0:
-            return ir.tensor(array.astype(dtype, order="C"), name=name)
-        rows = max(1, CHUNK // max(1, (array.size // max(1, array.shape[0])) * 8))
-        try:
-            offset = self.file.seek(0, os.SEEK_END)
-            for start in range(0, array.shape[0], rows):
-                block = array[start:start + rows].astype(dtype, order="C")
-                self.file.write(memoryview(block.reshape(-1).view(np.uint8)))
-            self.file.flush()
-        except OSError as exc:
-            raise LensError(f"cannot write rewritten weights to a scratch file ({exc.strerror or exc})") from exc
-        return file_tensor(self.file, offset, ir.DataType.from_numpy(dtype), ir.Shape(array.shape), name)
-
-
 def readable_in_place(tensor) -> bool:
     """Whether `file_tensor` can stand for this external tensor (whole-byte types only)."""
     return isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth % 8 == 0 and not tensor.dtype.is_string()
 
 
 class WeightStore:
-    def __init__(self, graph: ir.Graph, spill: Spill | None = None):
+    def __init__(self, graph: ir.Graph):
         self.graph = graph
-        self.spill = spill  # where final rewritten tensors wait for the writer (None: in memory)
         self._names = {v.name for v in graph.initializers.values()}
         self.copies = 0  # shared initializers copied instead of edited
         self.written = 0
@@ -138,12 +114,18 @@ class WeightStore:
         return _np_dtype(value)
 
     def read(self, value: ir.Value) -> np.ndarray:
-        """A fresh float64 copy: the caller may change it in place."""
+        """A fresh float64 copy of the stored values: the caller may change it in place."""
+        return np.array(self.stored(value), dtype=np.float64)
+
+    def matrix(self, value: ir.Value) -> Deferred:
+        """The 2-D constant behind `value` as a Deferred: nothing is read until a product is asked."""
         source = match.const_source(value)
         tensor = source.const_value if source is not None else None
-        if isinstance(tensor, FileTensor) and tensor.dtype.is_floating_point():
-            return tensor.float64()  # converted piece by piece: no full-size copy in the file's dtype
-        return np.array(self.stored(value), dtype=np.float64)
+        if tensor is None or not tensor.dtype.is_floating_point():
+            tensor = ir.tensor(self.stored(value))
+        if len(tensor.shape) != 2:
+            raise ValueError(f"{value.name}: a matrix was expected, found shape {tuple(tensor.shape)}")
+        return Deferred.of(tensor)
 
     def stored(self, value: ir.Value) -> np.ndarray:
         """The values as stored (read-only use: checks that need no float64 copy)."""
@@ -160,7 +142,7 @@ class WeightStore:
         self._names.add(name)
         return name
 
-    def new_initializer(self, name: str, array: np.ndarray, dtype=None) -> ir.Value:
+    def new_initializer(self, name: str, array: np.ndarray | Deferred, dtype=None) -> ir.Value:
         """A new initializer holding `array` in `dtype` (default: the array's own)."""
         name = self._unique(name)
         tensor = self._tensor(array, name, dtype)
@@ -170,14 +152,21 @@ class WeightStore:
         self.graph.register_initializer(value)
         return value
 
-    def _tensor(self, array: np.ndarray, name: str, dtype=None) -> ir.TensorProtocol:
-        """The stored tensor for `array` in `dtype` (default: its own), spilled when large."""
+    def _tensor(self, array: np.ndarray | Deferred, name: str, dtype=None) -> ir.TensorProtocol:
+        """The stored tensor for `array` in `dtype` (default: its own).
+
+        A Deferred stays deferred: it is computed while it is written. Only one seen
+        transposed (a weight given its own initializer in the reader's layout) is computed now.
+        """
+        if isinstance(array, Deferred):
+            dtype = np.dtype(dtype or array.src.dtype)
+            if not array.flipped:
+                return DeferredTensor(array, dtype, name)
+            array = np.asarray(array)
         dtype = np.dtype(dtype or array.dtype)
-        if self.spill is not None:
-            return self.spill.keep(array, dtype, name)
         return ir.tensor(np.asarray(array).astype(dtype, order="C"), name=name)
 
-    def write(self, node: ir.Node, idx: int, array: np.ndarray, dtype=None) -> ir.Value:
+    def write(self, node: ir.Node, idx: int, array: np.ndarray | Deferred, dtype=None) -> ir.Value:
         """Give input `idx` of `node` the constant `array`, without touching other users.
 
         The initializer is replaced in place only when this node's input is its one use;
@@ -185,7 +174,8 @@ class WeightStore:
         """
         old = node.inputs[idx]
         dtype = np.dtype(dtype) if dtype is not None else _np_dtype(old)
-        array = np.asarray(array, dtype=np.float64)
+        if not isinstance(array, Deferred):
+            array = np.asarray(array, dtype=np.float64)
         self.written += 1
         uses = old.uses() if old is not None else []
         exclusive = (
@@ -223,6 +213,14 @@ class LinearWeights:
     def dtype(self, lin) -> np.dtype:
         return _np_dtype(lin.node.inputs[1])
 
+    def matrix(self, lin) -> Deferred:
+        """W as [in, out], deferred: what a pass changes is computed when the model is written."""
+        m = self.store.matrix(lin.source)
+        for node in reversed(lin.path):
+            if node.op_type == "Transpose":
+                m = m.T
+        return m.T if lin.transposed else m
+
     def weight(self, lin, stored: bool = False) -> np.ndarray:
         """W as [in, out] in float64 (a fresh copy), or with `stored` as kept (for checks)."""
         arr = self.store.stored(lin.source) if stored else self.store.read(lin.source)
@@ -231,7 +229,7 @@ class LinearWeights:
                 arr = arr.T
         return arr.T if lin.transposed else arr
 
-    def set_weight(self, lin, w: np.ndarray) -> None:
+    def set_weight(self, lin, w: np.ndarray | Deferred) -> None:
         arr = w.T if lin.transposed else w
         target = lin.node.inputs[1]
         if lin.path and all(p.op_type == "Transpose" and len(p.outputs[0].uses()) == 1 for p in lin.path):

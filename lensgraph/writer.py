@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from . import progress, wire
+from .deferred import DeferredTensor
 from .weights import FileTensor
 
 LIMIT = 1024  # initializers over this many bytes are streamed (or go to external data)
@@ -37,7 +39,7 @@ def write_model(model: ir.Model, path: str, data_name: str | None = None, limit:
     proto.ClearField("graph")
     head = proto.SerializeToString()
     total = sum(v.const_value.nbytes for v in large)
-    with open(path, "wb") as out, progress.bar(total, "writing", "B") as bar:
+    with open(path, "wb") as out, progress.bar(total, "writing", "B") as bar, Writeback(out) as sync:
         if data_name is None:
             headers = [_header(v) for v in large]
             sizes = [len(h) + len(wire.key(wire.TENSOR_RAW_DATA)) + len(wire.varint(v.const_value.nbytes))
@@ -50,10 +52,11 @@ def write_model(model: ir.Model, path: str, data_name: str | None = None, limit:
                           + wire.key(wire.TENSOR_RAW_DATA) + wire.varint(tensor.nbytes))
                 _write_bytes(out, tensor)
                 bar.update(tensor.nbytes)
+                sync.written(tensor.nbytes)
             return
         data_path = os.path.join(os.path.dirname(path), data_name)
         headers = []
-        with open(data_path, "wb") as data:
+        with open(data_path, "wb") as data, Writeback(data) as data_sync:
             for v in large:
                 offset = -data.tell() % ALIGN
                 if offset:
@@ -62,9 +65,44 @@ def write_model(model: ir.Model, path: str, data_name: str | None = None, limit:
                 _write_bytes(data, v.const_value)
                 headers.append(_header(v, (data_name, start, v.const_value.nbytes)))
                 bar.update(v.const_value.nbytes)
+                data_sync.written(v.const_value.nbytes)
         chunk = b"".join(wire.key(wire.GRAPH_INITIALIZER) + wire.varint(len(h)) + h for h in headers)
         out.write(head + wire.key(wire.MODEL_GRAPH) + wire.varint(len(graph_bytes) + len(chunk))
                   + graph_bytes + chunk)
+
+
+class Writeback:
+    """Flush a file being written to disk in the background, a batch at a time.
+
+    The output is fsynced before it is published (atomic.py); started while later tensors
+    are still being computed, that writeback overlaps the work instead of following it.
+    """
+
+    BATCH = 64 << 20  # bytes written between two background flushes
+
+    def __init__(self, f):
+        self.f, self.pending, self.thread = f, 0, None
+
+    def written(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= self.BATCH and (self.thread is None or not self.thread.is_alive()):
+            self.pending = 0
+            self.f.flush()
+            self.thread = threading.Thread(target=self._sync, daemon=True)
+            self.thread.start()
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self.f.fileno())
+        except OSError:
+            pass  # only a head start: the fsync before publishing reports any error
+
+    def __enter__(self) -> "Writeback":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.thread is not None:
+            self.thread.join()  # the file must not close under a running flush
 
 
 def _streamable(tensor, limit: int) -> bool:
@@ -104,7 +142,7 @@ def _header(value: ir.Value, external: tuple[str, int, int] | None = None) -> by
 
 def _write_bytes(f, tensor) -> None:
     """Copy a tensor's bytes to `f` without building a second copy where the layout allows."""
-    if isinstance(tensor, FileTensor):  # file to file, a piece at a time
+    if isinstance(tensor, (FileTensor, DeferredTensor)):  # a piece at a time, never whole in memory
         tensor.copy_to(f)
         return
     if tensor.dtype.bitwidth % 8 == 0:

@@ -4,9 +4,8 @@ W_U [d_model, vocab] -= W_U.mean(axis=1), b_U -= mean(b_U): every logit at a pos
 moves by the same constant, which softmax ignores.
 """
 
-import numpy as np
-
-from lensgraph.pipeline import Pass, PassResult, centred, check, register
+from lensgraph.deferred import is_centred
+from lensgraph.pipeline import Pass, PassResult, check, register
 from lensgraph.weights import LinearWeights
 
 
@@ -27,9 +26,7 @@ class CenterUnembed(Pass):
     def run(self, model, anatomy) -> PassResult:
         result = PassResult(self.name, matched=1)
         linear, lin = LinearWeights(model.weights), anatomy.unembed
-        weight = linear.weight(lin)
-        weight -= weight.mean(axis=1, keepdims=True)
-        linear.set_weight(lin, weight)
+        linear.set_weight(lin, linear.matrix(lin).centred(axis=1))
         if lin.bias is not None:
             bias = linear.bias(lin)
             linear.set_bias(lin, bias - bias.mean())
@@ -40,6 +37,5 @@ class CenterUnembed(Pass):
 
     def ensures(self, model, anatomy) -> None:
         linear = LinearWeights(model.weights)
-        weight = linear.weight(anatomy.unembed, stored=True)
-        mean = weight.mean(axis=1, dtype=np.float64)
-        check(centred(weight, mean, linear.dtype(anatomy.unembed)), "unembedding is not centred")
+        ok = is_centred(linear.matrix(anatomy.unembed), 1, linear.dtype(anatomy.unembed))
+        check(ok, "unembedding is not centred")

@@ -28,12 +28,12 @@ class FoldLayerNorm(Pass):
             w = _vector(store, norm.scale, np.ones(norm.d_model))
             b = _vector(store, norm.bias, np.zeros(norm.d_model))
             for lin in norm.readers:
-                weight, bias = linear.weight(lin), linear.bias(lin)
+                weight, bias = linear.matrix(lin), linear.bias(lin)
+                if norm.centring:  # b @ W, and w @ W for the centring below: one read for both
+                    bias = bias + weight.lefts([b, w])[0]
+                weight = weight.scaled(w, axis=0)
                 if norm.centring:
-                    bias = bias + b @ weight
-                weight *= w[:, None]  # in place: `weight` is a fresh float64 copy
-                if norm.centring:
-                    weight -= weight.mean(axis=0, keepdims=True)
+                    weight = weight.centred(axis=0)
                 linear.set_weight(lin, weight)
                 if lin.bias is not None or np.any(bias != 0):
                     linear.set_bias(lin, bias)

@@ -40,7 +40,7 @@ class FoldValueBiases(Pass):
                 continue
             v_bias = linear.bias(att.v)
             b_v = v_bias[index]  # the value bias as the output projection sees it
-            linear.set_bias(att.o, linear.bias(att.o) + b_v @ linear.weight(att.o))
+            linear.set_bias(att.o, linear.bias(att.o) + linear.matrix(att.o).left(b_v))
             columns = np.unique(index)
             v_bias[columns] = 0.0
             linear.set_bias(att.v, v_bias)
