@@ -18,6 +18,9 @@ blocks and remembers the products asked of it, so a mean taken again is not a se
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import onnx_ir as ir
 
@@ -34,6 +37,18 @@ class Source:
         self.dtype = np.dtype(tensor.dtype.numpy())
         self._products: dict = {}
         self._absmax: float | None = None
+
+    @classmethod
+    def of(cls, tensor: ir.TensorProtocol) -> "Source":
+        """The Source of `tensor`: one per file-backed tensor, so every matrix derived from
+        it (a table and its untied unembedding, say) shares the products already read."""
+        from .weights import FileTensor
+
+        if not isinstance(tensor, FileTensor):
+            return cls(tensor)
+        if tensor.source_of_products is None:
+            tensor.source_of_products = cls(tensor)
+        return tensor.source_of_products
 
     def values(self) -> np.ndarray:
         """The stored values as a 2-D array: a memory map of the file for a FileTensor."""
@@ -150,7 +165,7 @@ class Deferred:
     def of(cls, tensor: ir.TensorProtocol) -> "Deferred":
         if isinstance(tensor, DeferredTensor):
             return tensor.matrix
-        return cls(Source(tensor))
+        return cls(Source.of(tensor))
 
     def _with(self, **changes) -> "Deferred":
         state = {k: getattr(self, k) for k in self.__slots__}
@@ -327,10 +342,26 @@ class DeferredTensor(ir.LazyTensor):
         return ir.Tensor(self.matrix.stored_values().astype(self.np_dtype), name=self.name)
 
     def copy_to(self, f) -> None:
+        """Write the values to `f`: each block is written by a helper thread while the next
+        one is computed (the write releases the interpreter), through two alternating buffers."""
         step = self.matrix.src.rows_per_block()
-        out = np.empty((step, self.matrix.src.shape[1]), self.np_dtype.newbyteorder("<"))
-        for _, block in self.matrix.blocks():
-            np.copyto(out[:len(block)], block, casting="unsafe")
-            data = memoryview(out[:len(block)].reshape(-1).view(np.uint8))
-            for start in range(0, len(data), WRITE):
-                f.write(data[start:start + WRITE])
+        buffers = [np.empty((step, self.matrix.src.shape[1]), self.np_dtype.newbyteorder("<")) for _ in range(2)]
+        pending = None
+        for i, (_, block) in enumerate(self.matrix.blocks()):
+            out = buffers[i % 2][:len(block)]
+            np.copyto(out, block, casting="unsafe")
+            if pending is not None:
+                pending.result()  # the other buffer is free again
+            pending = _writer().submit(_write, f, memoryview(out.reshape(-1).view(np.uint8)))
+        if pending is not None:
+            pending.result()
+
+
+@functools.cache
+def _writer() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="lensgraph-writer")
+
+
+def _write(f, data: memoryview) -> None:
+    for start in range(0, len(data), WRITE):
+        f.write(data[start:start + WRITE])

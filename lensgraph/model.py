@@ -170,7 +170,8 @@ class LensModel:
         over 2 GB; its file is a plain name in the output's folder (default: OUTPUT.data).
         """
         path = os.path.abspath(os.fspath(path))
-        _infer_shapes(self.ir)
+        if any(v.dtype is None or v.shape is None for node in self.graph for v in node.outputs):
+            _infer_shapes(self.ir)  # nodes a pass added: Netron draws every edge with its shape
         if external_data is None and (self.external_input or self.nbytes() > EXTERNAL_ABOVE):
             external_data = True
         data_name = None

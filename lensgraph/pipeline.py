@@ -116,7 +116,9 @@ class PassManager:
                         f"'{p.name}' must run after '{dep}'; try: {','.join(order)}"
                     )
 
-    def run(self, model: LensModel, progress: Callable[[str], None] | None = None) -> list[PassResult]:
+    def run(self, model: LensModel, progress: Callable[[str], None] | None = None,
+            final_check: bool = True) -> list[PassResult]:
+        """Run the pipeline; `final_check` off leaves the closing ONNX checker run to the caller."""
         reason = nothing_to_rewrite(analyse(model.graph))
         if reason is not None:  # not a transformer: never alter it
             return [PassResult(p.name, skipped=[("model", f"nothing to rewrite: {reason}")]) for p in self.passes]
@@ -143,7 +145,7 @@ class PassManager:
                 model.mark_applied(p.name)
             result.seconds = time.perf_counter() - start
             results.append(result)
-        if self.check_each and any(r.modified for r in results):
+        if final_check and self.check_each and any(r.modified for r in results):
             model.check()
         return results
 

@@ -70,13 +70,11 @@ def _run(proto, held_out: dict, targets: list, results: list, provider: str) -> 
     runner.given = given
     runs = max(1, math.ceil(math.log(max(a.v.d_out for _, a in live) + 1, BASE)))
     index = {k: np.zeros(a.o.d_in, dtype=np.int64) for k, a in live}
-    vocab = None
     for run in range(runs):
         for k, att in live:
             name, dtype = codes[k]
             given[name] = ((np.arange(att.v.d_out) // BASE**run) % BASE + 1).astype(dtype)
-        vocab = vocab or runner.vocab_size()
-        feeds = runner.feeds(1, 3, vocab, np.random.default_rng(0))
+        feeds = runner.feeds(1, 3, 1, np.random.default_rng(0))  # token 0 only: every weight is zero
         outputs = runner.run_many([a.o.node.inputs[0].name for _, a in live], feeds)
         for (k, att), out in zip(live, outputs):
             if results[k] is not None:

@@ -36,6 +36,7 @@ class FileTensor(ir.LazyTensor):
     def __init__(self, source, offset: int, dtype: ir.DataType, shape: ir.Shape, name: str | None):
         super().__init__(self._read, dtype, shape, name=name)
         self.source, self.offset = source, offset
+        self.source_of_products = None  # deferred.Source, made on first use
 
     def _pieces(self, fn) -> None:
         """Call fn(fd, file offset, byte count) for each piece of the tensor's bytes."""
