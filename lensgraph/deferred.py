@@ -345,16 +345,19 @@ class DeferredTensor(ir.LazyTensor):
         """Write the values to `f`: each block is written by a helper thread while the next
         one is computed (the write releases the interpreter), through two alternating buffers."""
         step = self.matrix.src.rows_per_block()
-        buffers = [np.empty((step, self.matrix.src.shape[1]), self.np_dtype.newbyteorder("<")) for _ in range(2)]
+        rows = min(step, self.matrix.src.shape[0])
+        buffers = [np.empty((rows, self.matrix.src.shape[1]), self.np_dtype.newbyteorder("<")) for _ in range(2)]
         pending = None
-        for i, (_, block) in enumerate(self.matrix.blocks()):
-            out = buffers[i % 2][:len(block)]
-            np.copyto(out, block, casting="unsafe")
-            if pending is not None:
-                pending.result()  # the other buffer is free again
-            pending = _writer().submit(_write, f, memoryview(out.reshape(-1).view(np.uint8)))
-        if pending is not None:
-            pending.result()
+        try:
+            for i, (_, block) in enumerate(self.matrix.blocks()):
+                out = buffers[i % 2][:len(block)]
+                np.copyto(out, block, casting="unsafe")
+                if pending is not None:
+                    pending.result()  # the other buffer is free again
+                pending = _writer().submit(_write, f, memoryview(out.reshape(-1).view(np.uint8)))
+        finally:
+            if pending is not None:  # never leave a write running after a failure
+                pending.result()
 
 
 @functools.cache

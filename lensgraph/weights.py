@@ -22,7 +22,7 @@ from . import match
 from .deferred import Deferred, DeferredTensor
 
 
-CHUNK = 1 << 24  # bytes per read or write when a tensor is converted or copied in pieces
+CHUNK = 1 << 20  # bytes per write when a tensor is copied
 
 
 class FileTensor(ir.LazyTensor):
@@ -38,23 +38,8 @@ class FileTensor(ir.LazyTensor):
         self.source, self.offset = source, offset
         self.source_of_products = None  # deferred.Source, made on first use
 
-    def _pieces(self, fn) -> None:
-        """Call fn(fd, file offset, byte count) for each piece of the tensor's bytes."""
-        def run(fd):
-            for start in range(0, self.nbytes, CHUNK):
-                fn(fd, self.offset + start, min(CHUNK, self.nbytes - start))
-
-        if isinstance(self.source, (str, os.PathLike)):
-            with open(self.source, "rb", buffering=0) as f:
-                run(f.fileno())
-        else:
-            run(self.source.fileno())
-
     def _read(self) -> ir.Tensor:
-        arr = np.empty(self.size, self.dtype.numpy())
-        flat = memoryview(arr.view(np.uint8))
-        self._pieces(lambda fd, at, n: _read_into(fd, flat[at - self.offset:at - self.offset + n], at, self.name))
-        return ir.Tensor(arr.reshape(self.shape.numpy()), name=self.name)
+        return ir.Tensor(np.array(self.mapped()), name=self.name)  # a copy: the map goes with the view
 
     def mapped(self) -> np.ndarray:
         """The stored values, read-only, over a memory map that is unmapped with the array."""
@@ -74,13 +59,9 @@ class FileTensor(ir.LazyTensor):
         return np.frombuffer(view, dtype, count=self.size, offset=self.offset - start).reshape(shape)
 
     def copy_to(self, f) -> None:
-        buf = np.empty(min(CHUNK, self.nbytes), np.uint8)
-
-        def copy(fd, at, n):
-            _read_into(fd, memoryview(buf[:n]), at, self.name)
-            f.write(memoryview(buf[:n]))
-
-        self._pieces(copy)
+        data = memoryview(self.mapped().reshape(-1).view(np.uint8))
+        for start in range(0, len(data), CHUNK):
+            f.write(data[start:start + CHUNK])
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once, not one fault at a time
@@ -88,15 +69,6 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once, not one 
 
 def file_tensor(source, offset: int, dtype: ir.DataType, shape: ir.Shape, name: str | None) -> FileTensor:
     return FileTensor(source, offset, dtype, shape, name)
-
-
-def _read_into(fd: int, view: memoryview, offset: int, name) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if not n:
-            raise OSError(f"file ended before tensor {name!r} was read")
-        done += n
 
 
 def readable_in_place(tensor) -> bool:
