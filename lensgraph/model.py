@@ -170,8 +170,7 @@ class LensModel:
         over 2 GB; its file is a plain name in the output's folder (default: OUTPUT.data).
         """
         path = os.path.abspath(os.fspath(path))
-        if any(v.dtype is None or v.shape is None for node in self.graph for v in node.outputs):
-            _infer_shapes(self.ir)  # nodes a pass added: Netron draws every edge with its shape
+        _infer_shapes(self.ir)  # for nodes a pass added: Netron draws every edge with its shape
         if external_data is None and (self.external_input or self.nbytes() > EXTERNAL_ABOVE):
             external_data = True
         data_name = None
@@ -205,9 +204,12 @@ def _read_in_place(model: ir.Model, path: str) -> None:
 def _infer_shapes(model: ir.Model) -> None:
     """Give intermediate tensors their shapes: ranks help matching, and Netron draws them.
 
-    A convenience, never a blocker: onnx-ir logs a failure with its traceback, which would
-    break the one-line error promise, so its logger is quietened for the call.
+    Skipped when every node output already has a type and shape (dynamo's exports carry
+    them all). A convenience, never a blocker: onnx-ir logs a failure with its traceback,
+    which would break the one-line error promise, so its logger is quietened for the call.
     """
+    if all(v.dtype is not None and v.shape is not None for node in model.graph for v in node.outputs):
+        return
     logger = logging.getLogger("onnx_ir.passes.common.shape_inference")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
