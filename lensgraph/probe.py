@@ -6,7 +6,8 @@ attention (LLaMA). Rather than decode every layout, run the graph with each valu
 weight set to zero and its bias set to a code: the values are then the same at every
 position, attention rows sum to 1, so the output projection's input holds at every
 position the code of the value column feeding each of its rows. Columns are coded in
-base-64 digits (one run per digit) so the codes stay exact in float16.
+digits of base 64 (one run per digit) so the codes stay exact in float16, or of base 4096
+when every value map is float32 or wider (one run up to 4095 value columns).
 
 The run uses the model's skeleton: large weights are fed as zero inputs (untouched
 zero pages), so it costs no copy of the weights, whatever the model's size.
@@ -21,7 +22,8 @@ from onnx import helper
 
 from .anatomy import Attention
 
-BASE = 64
+BASE = 64  # digits of a column's code: 1..BASE stay exact (to 0.25) in float16 through attention
+WIDE_BASE = 4096  # the same in float32
 
 
 def value_index(model, attentions: list[Attention], provider: str = "CPUExecutionProvider") -> list:
@@ -68,12 +70,14 @@ def _run(proto, held_out: dict, targets: list, results: list, provider: str) -> 
         return
     runner = Runner(proto, provider, "probe")
     runner.given = given
-    runs = max(1, math.ceil(math.log(max(a.v.d_out for _, a in live) + 1, BASE)))
+    wide = all(np.dtype(codes[k][1]).itemsize >= 4 for k, _ in live)
+    base = WIDE_BASE if wide else BASE
+    runs = max(1, math.ceil(math.log(max(a.v.d_out for _, a in live) + 1, base)))
     index = {k: np.zeros(a.o.d_in, dtype=np.int64) for k, a in live}
     for run in range(runs):
         for k, att in live:
             name, dtype = codes[k]
-            given[name] = ((np.arange(att.v.d_out) // BASE**run) % BASE + 1).astype(dtype)
+            given[name] = ((np.arange(att.v.d_out) // base**run) % base + 1).astype(dtype)
         feeds = runner.feeds(1, 3, 1, np.random.default_rng(0))  # token 0 only: every weight is zero
         outputs = runner.run_many([a.o.node.inputs[0].name for _, a in live], feeds)
         for (k, att), out in zip(live, outputs):
@@ -82,10 +86,10 @@ def _run(proto, held_out: dict, targets: list, results: list, provider: str) -> 
             rows = np.asarray(out, dtype=np.float64).reshape(-1, att.o.d_in)
             digit = np.rint(rows[0])
             if not (np.abs(rows - rows[0]).max() < 0.25 and np.abs(rows[0] - digit).max() < 0.25
-                    and digit.min() >= 1 and digit.max() <= BASE):
+                    and digit.min() >= 1 and digit.max() <= base):
                 results[k] = "output projection input is not a re-layout of the values"
                 continue
-            index[k] += (digit.astype(np.int64) - 1) * BASE**run
+            index[k] += (digit.astype(np.int64) - 1) * base**run
     for k, att in live:
         if results[k] is None:
             results[k] = index[k] if index[k].max() < att.v.d_out else "value columns out of range"
