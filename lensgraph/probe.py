@@ -62,12 +62,12 @@ def _run(proto, held_out: dict, targets: list, results: list, provider: str) -> 
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
         graph.input.extend([helper.make_tensor_value_info(weight, elem, shape),
                             helper.make_tensor_value_info(bias, elem, [att.v.d_out])])
-        graph.output.append(helper.make_empty_tensor_value_info(att.o.node.inputs[0].name))
         given[weight] = np.zeros(shape, dtype)
         codes[k] = (bias, dtype)
     live = [(k, att) for k, att in targets if k in codes]
     if not live:
         return
+    _prune(graph, [att.o.node.inputs[0].name for _, att in live])
     runner = Runner(proto, provider, "probe")
     runner.given = given
     wide = all(np.dtype(codes[k][1]).itemsize >= 4 for k, _ in live)
@@ -93,3 +93,31 @@ def _run(proto, held_out: dict, targets: list, results: list, provider: str) -> 
     for k, att in live:
         if results[k] is None:
             results[k] = index[k] if index[k].max() < att.v.d_out else "value columns out of range"
+
+
+def _prune(graph, outputs: list[str]) -> None:
+    """Keep only what `outputs` depend on: onnxruntime runs every node of a graph whatever is
+    fetched, and the unembedding alone would cost a pass over a vocabulary-sized zero matrix."""
+    needed = set(outputs)
+    keep = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            keep.append(node)
+            needed.update(_reads(node))
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    del graph.output[:]
+    graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
+    for field in (graph.input, graph.initializer):
+        kept = [item for item in field if item.name in needed]
+        del field[:]
+        field.extend(kept)
+
+
+def _reads(node):
+    """Every name a node reads, including those its subgraphs take from the outer scope."""
+    yield from (name for name in node.input if name)
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in sub.node:
+                yield from _reads(inner)
