@@ -241,7 +241,7 @@ class Deferred:
     def mean(self, axis: int) -> np.ndarray:
         """The mean over `axis` (axis 1: one value per row; axis 0: one per column)."""
         n = self.shape[axis % 2]
-        return (self.left(None) if axis % 2 == 0 else self.right(None)) / n
+        return (self.left(None) if axis % 2 == 0 else self.right(None)) / max(n, 1)
 
     def _products(self, vs, stored_axis: int) -> list[np.ndarray]:
         """v @ M over stored rows (stored_axis 0) or M @ v over stored columns (1)."""
@@ -312,9 +312,6 @@ class Deferred:
         arr = arr.T if self.flipped else arr
         return arr if dtype is None else arr.astype(dtype)
 
-    def is_identity(self) -> bool:
-        return self.r is None and self.c is None and self.a is None and self.b is None and not self.terms
-
 
 def is_centred(m: Deferred, axis: int, dtype) -> bool:
     """Whether M's mean over `axis` is zero to within the rounding of `dtype`."""
@@ -339,7 +336,7 @@ class DeferredTensor(ir.LazyTensor):
         super().__init__(self._full, ir.DataType.from_numpy(self.np_dtype), ir.Shape(matrix.stored_shape), name=name)
 
     def _full(self) -> ir.Tensor:
-        return ir.Tensor(self.matrix.stored_values().astype(self.np_dtype), name=self.name)
+        return ir.Tensor(self.matrix.stored_values(self.np_dtype), name=self.name)
 
     def copy_to(self, f) -> None:
         """Write the values to `f`: each block is written by a helper thread while the next
