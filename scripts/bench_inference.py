@@ -6,6 +6,8 @@ Batch 1 x 128 tokens, all graph optimisations on, runs interleaved (original, pr
 original, ...) so machine noise hits both alike; reports medians and their ratio (target
 processed / original <= 1.02), and which fused ops onnxruntime made in each graph, since a
 rewrite that blocks a fusion (LayerNorm, SkipLayerNorm, SimplifiedLayerNorm) costs time.
+Then each model is loaded and run once in a fresh process, for its peak resident memory
+against its size on disk.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import model_paths, now  # noqa: E402
+from benchlib import measure, model_paths, now, size_mib, timed  # noqa: E402
 
 FUSED = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
          "SkipSimplifiedLayerNormalization", "FastGelu", "BiasGelu", "Gelu", "FusedMatMul", "Attention",
@@ -80,6 +82,17 @@ def main() -> None:
     for k in sessions:
         print(f"| {k} | {med[k]:.1f} | {fused_ops(dumps[k])} |")
     print(f"\nprocessed / original latency: {med['processed'] / med['original']:.3f} (target <= 1.02)")
+    del sessions
+    print("\n| model | size on disk MiB | peak RSS MiB (load and one run, fresh process) | peak RSS / size |")
+    print("|---|---|---|---|")
+    for name, path in (("original", original), ("processed", processed)):
+        peak = measure(timed(
+            "import numpy as np, onnxruntime as ort\n"
+            f"ids = np.random.default_rng(0).integers(0, 50000, (1, {args.tokens})).astype(np.int64)\n#--\n"
+            f"s = ort.InferenceSession({path!r}, providers=[{args.provider!r}])\n"
+            "s.run(['logits'], {'input_ids': ids, 'attention_mask': np.ones_like(ids)})\n"
+        ))["peak_rss_mib"]
+        print(f"| {name} | {size_mib(path):.0f} | {peak:.0f} | {peak / size_mib(path):.2f} |")
 
 
 if __name__ == "__main__":

@@ -58,14 +58,20 @@ def external_copy(onnx_path: str) -> str:
 
 
 def measure(code: str) -> dict:
-    """Run `code` in a fresh interpreter; it prints a JSON dict with 'seconds'. Adds peak RSS."""
+    """Run `code` in a fresh interpreter; it prints a JSON dict with 'seconds' and its peak RSS.
+
+    The peak is the child's own high-water mark (/proc/self/status VmHWM). The kernel's
+    ru_maxrss would do only when the parent is small: a child inherits the parent's peak
+    through fork and exec.
+    """
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise SystemExit(f"benchmark step failed:\n{code}")
     result = json.loads(out.strip().splitlines()[-1])
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024
+    if result.get("peak_rss_mib") is None:  # no /proc: the kernel's figure
+        result["peak_rss_mib"] = usage.ru_maxrss / 1024
     return result
 
 
@@ -75,7 +81,13 @@ def timed(body: str) -> str:
     return (
         "import json, time\n" + setup +
         "start = time.perf_counter()\n" + work +
-        "print(json.dumps({'seconds': time.perf_counter() - start}))\n"
+        "seconds = time.perf_counter() - start\n"
+        "try:\n"
+        "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+        "    peak = int(hwm[0].split()[1]) / 1024 if hwm else None\n"
+        "except OSError:\n"
+        "    peak = None\n"
+        "print(json.dumps({'seconds': seconds, 'peak_rss_mib': peak}))\n"
     )
 
 
