@@ -6,7 +6,8 @@
 For the default pipeline with verification off it reports, each in a fresh process:
 lensgraph's file-to-file wall time; TransformerLens 4.x's ProcessWeights.process_weights on the
 same weights already in memory; the I/O floor (reading and writing the same bytes, no
-arithmetic); and each one's peak resident memory. Ratios are against baselines measured in
+arithmetic), also with the fsync that lensgraph's atomic output makes; and each one's peak
+resident memory. Ratios are against baselines measured in
 the same run. Targets: lensgraph <= TransformerLens's time, <= 2x the I/O floor; peak memory
 <= 1.5x the model size (single file) or <= 0.5x the model size + 300 MB (external data).
 """
@@ -40,7 +41,7 @@ def main() -> None:
     out = os.path.join(work, "out.onnx")
     external = os.path.exists(model + ".data")
     try:
-        runs = {"lensgraph": [], "transformerlens": [], "io_floor": []}
+        runs = {"lensgraph": [], "transformerlens": [], "io_floor": [], "io_floor_fsync": []}
         inputs = [model] + ([model + ".data"] if external else [])
 
         def fresh():
@@ -56,6 +57,12 @@ def main() -> None:
                 "import shutil\n#--\n"
                 f"shutil.copyfile({model!r}, {out!r})\n"
                 + (f"shutil.copyfile({model + '.data'!r}, {out + '.data'!r})\n" if external else "")
+            )))
+            fresh()
+            runs["io_floor_fsync"].append(measure(timed(  # the same copy made durable, as lensgraph's is
+                "import os, shutil\n#--\n"
+                + "".join(f"shutil.copyfile({a!r}, {b!r})\nwith open({b!r}, 'rb') as f:\n    os.fsync(f.fileno())\n"
+                          for a, b in [(model, out)] + ([(model + ".data", out + ".data")] if external else []))
             )))
             fresh()
             runs["lensgraph"].append(measure(timed(
@@ -91,6 +98,8 @@ def main() -> None:
         if "transformerlens" in med:
             print(f"lensgraph / TransformerLens time: {med['lensgraph'] / med['transformerlens']:.2f} (target <= 1.0)")
         print(f"lensgraph / I/O floor time: {med['lensgraph'] / med['io_floor']:.2f} (target <= 2.0)")
+        print(f"lensgraph / I/O floor with fsync: {med['lensgraph'] / med['io_floor_fsync']:.2f} "
+              "(lensgraph fsyncs its output before the atomic rename)")
         if external:
             print(f"lensgraph peak RSS / (0.5 x model + 300 MiB): {rss['lensgraph'] / (0.5 * model_mib + 300):.2f} (target <= 1.0)")
         else:
