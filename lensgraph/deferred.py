@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnx_ir as ir
 
+from .errors import LensError
+
 BLOCK = 1 << 20  # bytes of stored values per row block: small enough to stay in cache
 WRITE = 1 << 18  # bytes per write call: large writes can stall in the kernel's page cache
 
@@ -101,15 +103,20 @@ class Source:
                 absmax = max(absmax, float(block.max()), -float(block.min()))
             self._absmax = absmax
             for i, (k, _) in enumerate(todo_l):
-                self._products[k] = acc[i]
+                self._products[k] = _frozen(acc[i].copy())
             for i, (k, _) in enumerate(todo_r):
-                self._products[k] = outs[:, i].copy()
+                self._products[k] = _frozen(outs[:, i].copy())
         return [self._products[k] for k in keys_l], [self._products[k] for k in keys_r]
 
     def absmax(self) -> float:
         if self._absmax is None:
             self.products()
         return self._absmax
+
+
+def _frozen(v: np.ndarray) -> np.ndarray:
+    v.flags.writeable = False  # handed out as is: a caller must not change the cache
+    return v
 
 
 def _key(v: np.ndarray | None):
@@ -313,12 +320,52 @@ class Deferred:
         return arr if dtype is None else arr.astype(dtype)
 
 
-def is_centred(m: Deferred, axis: int, dtype) -> bool:
-    """Whether M's mean over `axis` is zero to within the rounding of `dtype`."""
+def centring_tolerance(dtype) -> float:
+    """How far from zero a mean may be, relative to max |values|, after rounding to `dtype`."""
     dtype = np.dtype(dtype)
     eps = np.finfo(dtype).eps if np.issubdtype(dtype, np.floating) else 0.0
+    return max(1e-5, 8 * eps)
+
+
+def is_centred(m: Deferred, axis: int, dtype) -> bool:
+    """Whether M's mean over `axis` is zero to within the rounding of `dtype`.
+
+    Computed from M's form: a real check of stored values (a matrix with no changes), but
+    for a changed one it repeats the algebra that centred it. The written values of a
+    DeferredTensor are checked with `DeferredTensor.expect_centred` instead.
+    """
     scale = max(m.absmax_bound(), 1e-30)
-    return float(np.abs(m.mean(axis)).max(initial=0.0)) <= max(1e-5, 8 * eps) * scale
+    return float(np.abs(m.mean(axis)).max(initial=0.0)) <= centring_tolerance(dtype) * scale
+
+
+class _Tally:
+    """The written values' means over the axes a pass promised to be centred, block by block."""
+
+    def __init__(self, expected: list, shape: tuple[int, int], dtype: np.dtype):
+        self.expected, self.shape, self.dtype = expected, shape, dtype
+        self.col_sums = np.zeros(shape[1]) if any(axis == 0 for axis, _ in expected) else None
+        self.rows = any(axis == 1 for axis, _ in expected)
+        self.worst_row_mean = self.absmax = 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        """`values`: the next stored rows, exactly as written (the tensor's dtype)."""
+        if not values.size:
+            return
+        self.absmax = max(self.absmax, float(values.max()), -float(values.min()))
+        if self.rows:
+            self.worst_row_mean = max(self.worst_row_mean,
+                                      float(np.abs(values.mean(axis=1, dtype=np.float64)).max()))
+        if self.col_sums is not None:
+            self.col_sums += values.sum(axis=0, dtype=np.float64)
+
+    def verify(self) -> None:
+        limit = centring_tolerance(self.dtype) * max(self.absmax, 1e-30)
+        for axis, what in self.expected:
+            worst = self.worst_row_mean if axis == 1 else float(
+                np.abs(self.col_sums / max(self.shape[0], 1)).max(initial=0.0))
+            if not worst <= limit:
+                raise LensError(f"{what}: the written values are not centred (a mean of {worst:.3g} "
+                                f"where at most {limit:.3g} is rounding)")
 
 
 class DeferredTensor(ir.LazyTensor):
@@ -333,10 +380,30 @@ class DeferredTensor(ir.LazyTensor):
             raise ValueError("a DeferredTensor holds a matrix in its stored orientation")
         self.matrix = matrix
         self.np_dtype = np.dtype(dtype)
+        self.expected: list[tuple[int, str]] = []  # (stored axis, what): means that must come out zero
         super().__init__(self._full, ir.DataType.from_numpy(self.np_dtype), ir.Shape(matrix.stored_shape), name=name)
 
+    def __repr__(self) -> str:  # LazyTensor's would recurse through the bound method it holds
+        return f"DeferredTensor(name={self.name!r}, shape={self.matrix.stored_shape}, dtype={self.np_dtype})"
+
+    def expect_centred(self, view: Deferred, axis: int, what: str) -> None:
+        """A pass's post-condition on values that do not exist yet: `view` (this tensor's matrix,
+        as a pass sees it) has zero mean over `axis`. Checked on the values as they are computed
+        for writing (or for `numpy()`); a failure raises LensError, so nothing is published."""
+        if view.src is not self.matrix.src:
+            raise ValueError("the view is not of this tensor's matrix")
+        self.expected.append((view._axis(axis), what))
+
+    def _tally(self) -> "_Tally | None":
+        return _Tally(self.expected, self.matrix.src.shape, self.np_dtype) if self.expected else None
+
     def _full(self) -> ir.Tensor:
-        return ir.Tensor(self.matrix.stored_values(self.np_dtype), name=self.name)
+        values = self.matrix.stored_values(self.np_dtype)
+        tally = self._tally()
+        if tally is not None:
+            tally.add(values)
+            tally.verify()
+        return ir.Tensor(values, name=self.name)
 
     def copy_to(self, f) -> None:
         """Write the values to `f`: each block is written by a helper thread while the next
@@ -344,17 +411,21 @@ class DeferredTensor(ir.LazyTensor):
         step = self.matrix.src.rows_per_block()
         rows = min(step, self.matrix.src.shape[0])
         buffers = [np.empty((rows, self.matrix.src.shape[1]), self.np_dtype.newbyteorder("<")) for _ in range(2)]
-        pending = None
+        pending, tally = None, self._tally()
         try:
             for i, (_, block) in enumerate(self.matrix.blocks()):
                 out = buffers[i % 2][:len(block)]
                 np.copyto(out, block, casting="unsafe")
+                if tally is not None:
+                    tally.add(out)
                 if pending is not None:
                     pending.result()  # the other buffer is free again
                 pending = _writer().submit(_write, f, memoryview(out.reshape(-1).view(np.uint8)))
         finally:
             if pending is not None:  # never leave a write running after a failure
                 pending.result()
+        if tally is not None:
+            tally.verify()
 
 
 @functools.cache

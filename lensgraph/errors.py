@@ -1,5 +1,7 @@
 """Errors that lensgraph reports to users, each with the exit code the CLI uses."""
 
+import contextlib
+
 
 class LensError(Exception):
     """A failure with a one-line message meant for the user."""
@@ -21,3 +23,27 @@ class BadInputError(LensError):
 
 class PipelineError(BadInputError):
     """An unknown pass name or an invalid pass order."""
+
+
+def lens_cause(exc: BaseException | None) -> "LensError | None":
+    """The LensError behind `exc`, when a library wrapped one in its own error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, LensError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def unwrapped():
+    """Let a LensError raised inside a library call (onnx-ir's serialiser computes deferred
+    weights, whose checks raise one) reach the user as itself, not as the library's error."""
+    try:
+        yield
+    except Exception as exc:
+        found = lens_cause(exc)
+        if found is not None and found is not exc:
+            raise found from None
+        raise

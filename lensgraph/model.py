@@ -21,7 +21,7 @@ from onnx_ir.passes.common import CheckerPass, RemoveUnusedNodesPass, ShapeInfer
 
 from . import __version__
 from .atomic import StagedModel, stage
-from .errors import BadInputError, LensError
+from .errors import BadInputError, LensError, lens_cause, unwrapped
 from .safety import open_model, runtime_contrib_op
 from .weights import WeightStore, file_tensor, readable_in_place
 
@@ -118,6 +118,8 @@ class LensModel:
         try:
             CheckerPass(full_check=full)(self.ir)
         except Exception as exc:
+            if lens_cause(exc) is not None:
+                raise lens_cause(exc) from None
             if runtime_contrib_op(str(exc)):
                 return  # onnxruntime's ops in the default domain: judged by running it
             raise LensError(f"rewritten model fails the ONNX checker: {_first_line(exc)}") from exc
@@ -143,7 +145,8 @@ class LensModel:
             value.const_value = None
             graph.inputs.append(value)
         try:
-            proto = ir.serde.serialize_model(self.ir)
+            with unwrapped():
+                proto = ir.serde.serialize_model(self.ir)
             yield proto, {v.name: (tuple(t.shape), t.dtype.numpy()) for v, t in moved}
         finally:
             for value, tensor in moved:

@@ -64,7 +64,8 @@ class Pass:
         raise NotImplementedError
 
     def ensures(self, model: LensModel, anatomy: Anatomy) -> None:
-        """Raise LensError when the post-condition does not hold."""
+        """Raise LensError when the post-condition does not hold. A condition on deferred
+        matrices (deferred.py) is attached to them and checked as they are written."""
 
 
 REGISTRY: dict[str, type[Pass]] = {}
@@ -154,9 +155,10 @@ def centred(arr, mean, dtype) -> bool:
     """Whether `mean` is zero to within the rounding of the tensor's own dtype."""
     import numpy as np
 
-    eps = np.finfo(dtype).eps if np.issubdtype(dtype, np.floating) else 0.0
+    from .deferred import centring_tolerance
+
     scale = max(float(arr.max()), -float(arr.min()), 1e-30)
-    return float(np.abs(mean).max()) <= max(1e-5, 8 * eps) * scale
+    return float(np.abs(mean).max()) <= centring_tolerance(dtype) * scale
 
 
 def nothing_to_rewrite(anatomy: Anatomy) -> str | None:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import match
-from .deferred import Deferred, DeferredTensor
+from .deferred import Deferred, DeferredTensor, is_centred
 
 
 CHUNK = 1 << 20  # bytes per write when a tensor is copied
@@ -37,6 +37,9 @@ class FileTensor(ir.LazyTensor):
         super().__init__(self._read, dtype, shape, name=name)
         self.source, self.offset = source, offset
         self.source_of_products = None  # deferred.Source, made on first use
+
+    def __repr__(self) -> str:  # LazyTensor's would recurse through the bound method it holds
+        return f"FileTensor(name={self.name!r}, shape={tuple(self.shape)}, offset={self.offset})"
 
     def _read(self) -> ir.Tensor:
         return ir.Tensor(np.array(self.mapped()), name=self.name)  # a copy: the map goes with the view
@@ -106,6 +109,19 @@ class WeightStore:
         if arr is None:
             raise ValueError(f"{value.name} is not a constant")
         return arr
+
+    def expect_centred(self, value: ir.Value, axis: int, what: str, view: Deferred | None = None) -> bool:
+        """Post-condition: the matrix behind `value` (seen as `view`, default as stored) has zero
+        mean over `axis`. Stored values are checked now. A deferred matrix has no values yet:
+        the check goes with it and is made on the values as they are written (see
+        DeferredTensor.expect_centred), so True here means "checked when written"."""
+        source = match.const_source(value)
+        tensor = source.const_value if source is not None else None
+        view = view if view is not None else self.matrix(value)
+        if isinstance(tensor, DeferredTensor):
+            tensor.expect_centred(view, axis, what)
+            return True
+        return is_centred(view, axis, self.dtype(value))
 
     def _unique(self, base: str) -> str:
         name, k = base, 1
@@ -193,6 +209,10 @@ class LinearWeights:
             if node.op_type == "Transpose":
                 m = m.T
         return m.T if lin.transposed else m
+
+    def expect_centred(self, lin, axis: int, what: str) -> bool:
+        """Post-condition on W as [in, out]: zero mean over `axis` (see WeightStore.expect_centred)."""
+        return self.store.expect_centred(lin.source, axis, what, view=self.matrix(lin))
 
     def weight(self, lin, stored: bool = False) -> np.ndarray:
         """W as [in, out] in float64 (a fresh copy), or with `stored` as kept (for checks)."""

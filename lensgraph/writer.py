@@ -22,6 +22,7 @@ import onnx
 import onnx_ir as ir
 
 from . import progress, wire
+from .errors import unwrapped
 from .deferred import DeferredTensor
 from .weights import FileTensor
 
@@ -33,7 +34,7 @@ def write_model(model: ir.Model, path: str, data_name: str | None = None, limit:
     """Write `model` to `path`; with `data_name`, large weights go to that file in `path`'s folder."""
     graph = model.graph
     large = [v for v in graph.initializers.values() if _streamable(v.const_value, limit)]
-    with _detached(graph, large):
+    with _detached(graph, large), unwrapped():
         proto = ir.serde.serialize_model(model)
     graph_bytes = proto.graph.SerializeToString()
     proto.ClearField("graph")

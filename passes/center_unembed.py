@@ -4,7 +4,6 @@ W_U [d_model, vocab] -= W_U.mean(axis=1), b_U -= mean(b_U): every logit at a pos
 moves by the same constant, which softmax ignores.
 """
 
-from lensgraph.deferred import is_centred
 from lensgraph.pipeline import Pass, PassResult, check, register
 from lensgraph.weights import LinearWeights
 
@@ -37,5 +36,5 @@ class CenterUnembed(Pass):
 
     def ensures(self, model, anatomy) -> None:
         linear = LinearWeights(model.weights)
-        ok = is_centred(linear.matrix(anatomy.unembed), 1, linear.dtype(anatomy.unembed))
+        ok = linear.expect_centred(anatomy.unembed, 1, "center_unembed: the unembedding")
         check(ok, "unembedding is not centred")

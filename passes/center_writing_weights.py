@@ -8,7 +8,6 @@ centring LayerNorm, which removes the mean anyway; the anatomy proves that or sa
 import numpy as np
 
 from lensgraph import match
-from lensgraph.deferred import is_centred
 from lensgraph.pipeline import Pass, PassResult, centred, check, register
 from lensgraph.weights import LinearWeights
 
@@ -60,12 +59,13 @@ class CenterWritingWeights(Pass):
         for writer in anatomy.writers:
             if writer.blocker:
                 continue
+            what = f"center_writing_weights: writer {writer.name}"
             if writer.kind == "linear":
-                ok = is_centred(linear.matrix(writer.linear), 1, linear.dtype(writer.linear))
+                ok = linear.expect_centred(writer.linear, 1, what)
             else:
                 value = writer.node.inputs[writer.idx]
                 if len(match.const_shape(value) or ()) == 2:
-                    ok = is_centred(model.weights.matrix(value), 1, model.weights.dtype(value))
+                    ok = model.weights.expect_centred(value, 1, what)
                 else:
                     arr = model.weights.stored(value)
                     ok = centred(arr, arr.mean(axis=-1, dtype=np.float64), model.weights.dtype(value))

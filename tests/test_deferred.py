@@ -12,7 +12,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from lensgraph.deferred import BLOCK, Deferred, DeferredTensor, is_centred
+from lensgraph.deferred import BLOCK, Deferred, DeferredTensor, Source, is_centred
+from lensgraph.errors import LensError
+from lensgraph.process import process
 from lensgraph.weights import file_tensor
 
 
@@ -95,3 +97,39 @@ def test_a_truncated_file_is_an_error_not_a_crash(tmp_path):
     tensor = file_tensor(str(path), 0, ir.DataType.FLOAT, ir.Shape((10, 10)), "w")
     with pytest.raises(OSError, match="file ended"):
         Deferred.of(tensor).mean(0)
+
+
+def _centred_tensor(rng, corrupt: bool):
+    stored = rng.normal(size=(300, 40)).astype(np.float32) + 3.0
+    m = Deferred.of(ir.tensor(stored))
+    if corrupt:  # a wrong cached product, as a bug in the bookkeeping would leave
+        (sums,), _ = m.src.products(left=[None])
+        m.src._products[("R", None)] = np.full(300, 7.0)
+    tensor = DeferredTensor(m.T.centred(0).T, np.float32, "w")  # centred over stored axis 1
+    tensor.expect_centred(tensor.matrix.T, 0, "w")
+    return tensor
+
+
+def test_a_promised_centring_is_checked_on_the_written_values():
+    rng = np.random.default_rng(5)
+    _centred_tensor(rng, corrupt=False).copy_to(io.BytesIO())  # holds: no error
+    with pytest.raises(LensError, match="not centred"):
+        _centred_tensor(rng, corrupt=True).copy_to(io.BytesIO())
+    with pytest.raises(LensError, match="not centred"):
+        _centred_tensor(rng, corrupt=True).numpy()
+
+
+def test_a_wrong_centring_stops_the_write(tmp_path, gpt2_exports, monkeypatch):
+    """With the row means it centres by made wrong, process() fails and writes nothing,
+    even with verification off: the written values themselves are checked."""
+    original = Source.products
+
+    def wrong(self, left=(), right=()):
+        lefts, rights = original(self, left, right)
+        return lefts, [r * 1.5 for r in rights]
+
+    monkeypatch.setattr(Source, "products", wrong)
+    out = tmp_path / "out.onnx"
+    with pytest.raises(LensError, match="not centred"):
+        process(gpt2_exports["torchscript17"], out, verify=False)
+    assert not out.exists() and not list(tmp_path.iterdir())
