@@ -420,7 +420,7 @@ class DeferredTensor(ir.LazyTensor):
                     tally.add(out)
                 if pending is not None:
                     pending.result()  # the other buffer is free again
-                pending = _writer().submit(_write, f, memoryview(out.reshape(-1).view(np.uint8)))
+                pending = _writer().submit(write_in_pieces, f, memoryview(out.reshape(-1).view(np.uint8)))
         finally:
             if pending is not None:  # never leave a write running after a failure
                 pending.result()
@@ -433,6 +433,7 @@ def _writer() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="lensgraph-writer")
 
 
-def _write(f, data: memoryview) -> None:
+def write_in_pieces(f, data: memoryview) -> None:
+    """Write `data` to `f` in WRITE-sized calls."""
     for start in range(0, len(data), WRITE):
         f.write(data[start:start + WRITE])

@@ -21,7 +21,7 @@ from onnx_ir.passes.common import CheckerPass, RemoveUnusedNodesPass, ShapeInfer
 
 from . import __version__
 from .atomic import StagedModel, stage
-from .errors import BadInputError, LensError, lens_cause, unwrapped
+from .errors import BadInputError, LensError, unwrapped
 from .safety import open_model, runtime_contrib_op
 from .weights import WeightStore, file_tensor, readable_in_place
 
@@ -116,10 +116,11 @@ class LensModel:
         if not checker:
             return
         try:
-            CheckerPass(full_check=full)(self.ir)
+            with unwrapped():
+                CheckerPass(full_check=full)(self.ir)
+        except LensError:
+            raise
         except Exception as exc:
-            if lens_cause(exc) is not None:
-                raise lens_cause(exc) from None
             if runtime_contrib_op(str(exc)):
                 return  # onnxruntime's ops in the default domain: judged by running it
             raise LensError(f"rewritten model fails the ONNX checker: {_first_line(exc)}") from exc

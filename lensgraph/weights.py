@@ -19,10 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import match
-from .deferred import Deferred, DeferredTensor, is_centred
-
-
-CHUNK = 1 << 20  # bytes per write when a tensor is copied
+from .deferred import Deferred, DeferredTensor, is_centred, write_in_pieces
 
 
 class FileTensor(ir.LazyTensor):
@@ -62,9 +59,7 @@ class FileTensor(ir.LazyTensor):
         return np.frombuffer(view, dtype, count=self.size, offset=self.offset - start).reshape(shape)
 
     def copy_to(self, f) -> None:
-        data = memoryview(self.mapped().reshape(-1).view(np.uint8))
-        for start in range(0, len(data), CHUNK):
-            f.write(data[start:start + CHUNK])
+        write_in_pieces(f, memoryview(self.mapped().reshape(-1).view(np.uint8)))
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once, not one fault at a time
