@@ -14,7 +14,7 @@ import traceback
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .errors import BadInputError, LensError
 
 EXIT_INTERNAL = 4
@@ -140,9 +140,9 @@ def _export(args) -> int:
 
 
 def _process(args) -> int:
-    from .atomic import write_text
     from .process import process, summary
     from .progress import Progress
+    from .store.atomic import write_text
 
     say = _say(args)
     if args.report and _same_file(args.report, args.output or args.input, args.input):
@@ -179,8 +179,8 @@ def _verify(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .describe import as_text, describe
-    from .model import LensModel
+    from .graph.describe import as_text, describe
+    from .store.model import LensModel
 
     info = describe(LensModel.load(args.model))
     print(json.dumps(info, indent=2) if args.json else as_text(info))
@@ -189,9 +189,9 @@ def _inspect(args) -> int:
 
 def _hooks(args) -> int:
     from .errors import BadInputError
-    from .hookpoints import place, template
-    from .hooks import add_hooks
-    from .model import LensModel
+    from .graph.hookpoints import place, template
+    from .interp.hooks import add_hooks
+    from .store.model import LensModel
 
     say = _say(args)
     model = LensModel.load(args.input)

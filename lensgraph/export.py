@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import BadInputError, LensError
+from .store.atomic import StagedModel, prepare
 
 EXPORTERS = ("dynamo", "torchscript")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -258,7 +258,7 @@ def _vocab_size(model):
     return int(vocab)
 
 
-def _export_dynamo(wrapper, args, dest, opset, external, verbose):
+def _export_dynamo(wrapper, args, staged: StagedModel, opset, verbose):
     """torch.export based; Dim objects tie both inputs' axes and name them in the graph."""
     batch = torch.export.Dim("batch")
     sequence = torch.export.Dim("sequence")
@@ -274,11 +274,12 @@ def _export_dynamo(wrapper, args, dest, opset, external, verbose):
         dynamo=True,
         verbose=verbose,
     )
-    # Saving here rather than through f= lets us choose single file vs external data.
-    program.save(str(dest), external_data=external)
+    # lensgraph's streaming writer, not program.save: the weights go out one at a time, under
+    # the data file name the staging area chose.
+    staged.write(program.model)
 
 
-def _export_torchscript(wrapper, args, dest, opset, external, verbose, cache_layers=0):
+def _export_torchscript(wrapper, args, staged: StagedModel, opset, cache_layers=0):
     """Tracing based; above 2 GB torch writes one file per tensor, so gather them into one."""
     axes = {0: "batch", 1: "sequence"}
     inputs, outputs = ["input_ids", "attention_mask"], ["logits"]
@@ -289,8 +290,9 @@ def _export_torchscript(wrapper, args, dest, opset, external, verbose, cache_lay
         dynamic["attention_mask"] = {0: "batch", 1: "total_sequence"}
         dynamic.update({n: {0: "batch", 2: "past_sequence"} for n in past})
         dynamic.update({n: {0: "batch", 2: "total_sequence"} for n in present})
+    dest = Path(staged.staged_path)
     target = dest
-    if external:
+    if staged.data_name:
         raw = dest.parent / "raw"
         raw.mkdir()
         target = raw / dest.name
@@ -305,7 +307,7 @@ def _export_torchscript(wrapper, args, dest, opset, external, verbose, cache_lay
         dynamo=False,
         verbose=False,  # True dumps the whole traced graph, too much even when verbose
     )
-    if external:
+    if staged.data_name:
         import onnx
 
         proto = onnx.load(str(target))
@@ -314,9 +316,10 @@ def _export_torchscript(wrapper, args, dest, opset, external, verbose, cache_lay
             str(dest),
             save_as_external_data=True,
             all_tensors_to_one_file=True,
-            location=dest.name + ".data",
+            location=staged.data_name,
         )
-        shutil.copymode(target, dest.parent / (dest.name + ".data"))  # onnx writes it 0600
+        shutil.copymode(target, dest.parent / staged.data_name)  # onnx writes it 0600
+        shutil.rmtree(raw)
 
 
 def _check_inputs(vocab):
@@ -413,13 +416,10 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
     out_path = Path(out_path).expanduser()
     if out_path.is_dir():
         raise ExportInputError(f"{out_path}: is a folder; give a file path such as model.onnx")
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    except OSError as exc:
-        raise ExportInputError(f"{out_path}: cannot write there ({_reason(exc)})") from None
-    dest = work / out_path.name
-    try:
+    # written in a hidden folder beside out_path and moved into place once checked (store/atomic.py)
+    staged = prepare(str(out_path), out_path.name + ".data" if external else None)
+    dest = staged.staged_path
+    with staged:
         wrapper = (LogitsAndCache(model) if cache else LogitsOnly(model)).eval()
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (2, 8), generator=gen, dtype=torch.int64)
@@ -431,10 +431,12 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
         try:
             with _quiet(verbose), torch.no_grad():
                 if exporter == "dynamo":
-                    _export_dynamo(wrapper, args, dest, opset, external, verbose)
+                    _export_dynamo(wrapper, args, staged, opset, verbose)
                 else:
-                    _export_torchscript(wrapper, args, dest, opset, external, verbose,
+                    _export_torchscript(wrapper, args, staged, opset,
                                         cache_layers=wrapper.layers if cache else 0)
+        except LensError:
+            raise
         except Exception as exc:
             hint = ""
             if dtype == torch.float16:
@@ -473,13 +475,6 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
                     f"(allowed {limit:.3g} for {dtype_name}, logit scale {scale:.3g})"
                 )
 
-        # Data first, so a graph never sits beside a missing data file.
-        if external:
-            os.replace(work / (out_path.name + ".data"), str(out_path) + ".data")
-        os.replace(dest, out_path)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
     return {
         "exporter": exporter,
         "opset": written_opset,
@@ -487,6 +482,7 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
         "seconds": round(seconds, 3),
         "max_abs_diff": max_diff,
         "external_data": external,
+        "data_file": staged.data_path,
         "cache": bool(cache),
         "out_path": str(out_path),
     }

@@ -13,10 +13,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, ClassVar, Sequence
 
-from . import match
-from .anatomy import Anatomy, analyse
+import numpy as np
+
 from .errors import LensError, PipelineError
-from .model import LensModel
+from .graph.anatomy import Anatomy, analyse, nothing_to_rewrite
+from .store.deferred import centring_tolerance
+from .store.model import LensModel
 
 DEFAULT_PIPELINE = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 
@@ -65,7 +67,7 @@ class Pass:
 
     def ensures(self, model: LensModel, anatomy: Anatomy) -> None:
         """Raise LensError when the post-condition does not hold. A condition on deferred
-        matrices (deferred.py) is attached to them and checked as they are written."""
+        matrices (store/deferred.py) is attached to them and checked as they are written."""
 
 
 REGISTRY: dict[str, type[Pass]] = {}
@@ -153,30 +155,8 @@ class PassManager:
 
 def centred(arr, mean, dtype) -> bool:
     """Whether `mean` is zero to within the rounding of the tensor's own dtype."""
-    import numpy as np
-
-    from .deferred import centring_tolerance
-
     scale = max(float(arr.max()), -float(arr.min()), 1e-30)
     return float(np.abs(mean).max()) <= centring_tolerance(dtype) * scale
-
-
-def nothing_to_rewrite(anatomy: Anatomy) -> str | None:
-    """Why the graph is not a transformer whose weights lensgraph processes; None if it is.
-
-    The passes are exact only on a residual stream read through norms. An MLP or a CNN
-    has neither, and centring its outputs, say, would still pass verification (which
-    compares logits up to a constant) while changing what the model means.
-    """
-    if not anatomy.norms:
-        return "no LayerNorm or RMSNorm found"
-    if any(n.terms for n in anatomy.norms):
-        return None  # onnxruntime fused the residual sums into the norms
-    for value in anatomy.stream:
-        node = match.back(value)[0].producer()
-        if node is not None and node.op_type == "Add" and not any(match.is_const(v) for v in node.inputs):
-            return None
-    return "no residual stream (no norm reads a sum of computed terms)"
 
 
 def check(condition: bool, message: str) -> None:

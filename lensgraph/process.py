@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import time
 
-from .anatomy import analyse
 from .errors import BadInputError, VerificationError
-from .model import LensModel
-from .pipeline import PassManager, nothing_to_rewrite
+from .graph.anatomy import analyse, nothing_to_rewrite
+from .pipeline import PassManager, PassResult
+from .store.model import LensModel
 from .verify import verify as verify_models
 
 
@@ -29,7 +29,7 @@ def process(
 ) -> dict:
     """Rewrite `src` into `dst` with `passes` (default: TransformerLens's pipeline); return the report.
 
-    The output appears complete or not at all (see atomic.py); `src` and its data are never
+    The output appears complete or not at all (see store/atomic.py); `src` and its data are never
     modified, unless `in_place` asks to replace them. A graph that is not a transformer is
     left alone: the report says "nothing to rewrite" and nothing is written.
     """
@@ -100,8 +100,6 @@ def _manager(passes) -> PassManager:
 
 def summary(report: dict) -> str:
     """A few human lines: per pass what matched, was rewritten or skipped and why."""
-    from .pipeline import PassResult
-
     if report.get("nothing_to_rewrite"):
         return f"  nothing to rewrite: {report['nothing_to_rewrite']}; the model was left alone and nothing was written"
     lines = []

@@ -8,17 +8,14 @@ worst difference is reported relative to the logit scale.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import onnx
 
 from .errors import BadInputError
+from .store.runner import Runner
 
 DEFAULT_SHAPES = ((1, 7), (2, 5), (3, 1))
-FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 2e-2, np.dtype(np.float64): 1e-9}
 
 
@@ -43,103 +40,6 @@ class VerifyResult:
             f"(tolerance {self.tolerance:.0e}; {self.max_abs_diff:.2e} absolute; "
             f"shapes {', '.join(f'{b}x{s}' for b, s in self.shapes)}; {self.provider})"
         )
-
-
-class Runner:
-    """An onnxruntime session over a path, bytes, a ModelProto or a LensModel.
-
-    A path is opened through safety.py first: onnxruntime never sees a file that would
-    read external data from outside its folder.
-    """
-
-    def __init__(self, model, provider: str = "CPUExecutionProvider", label: str | None = None):
-        import onnxruntime as ort
-
-        self._tmp = None
-        self.label = label or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else "rewritten model")
-        source = self._source(model)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        ort.set_default_logger_severity(3)
-        available = ort.get_available_providers()
-        if provider not in available:
-            raise BadInputError(f"provider {provider} is not available (have: {', '.join(available)})")
-        try:
-            self.session = ort.InferenceSession(source, options, providers=[provider])
-        except Exception as exc:
-            raise BadInputError(f"{self.label}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]})") from exc
-        self.inputs = self.session.get_inputs()
-        self.given: dict = {}  # inputs with fixed values (weights held out of the graph)
-        names = [o.name for o in self.session.get_outputs()]
-        self.output = "logits" if "logits" in names else names[0]
-
-    def _source(self, model):
-        from .model import LensModel
-        from .safety import open_model
-
-        if isinstance(model, (str, os.PathLike)):
-            open_model(os.fspath(model))
-            return os.fspath(model)
-        if isinstance(model, LensModel):  # streamed to a private folder: no whole-model copy in memory
-            from .model import EXTERNAL_ABOVE
-            from .writer import write_model
-
-            self._tmp = tempfile.TemporaryDirectory()
-            path = os.path.join(self._tmp.name, "model.onnx")
-            write_model(model.ir, path, "model.onnx.data" if model.nbytes() > EXTERNAL_ABOVE else None)
-            return path
-        if isinstance(model, onnx.ModelProto):
-            if model.ByteSize() < 2**31 - 2**20:
-                return model.SerializeToString()
-            self._tmp = tempfile.TemporaryDirectory()
-            path = os.path.join(self._tmp.name, "model.onnx")
-            onnx.save(model, path, save_as_external_data=True)
-            return path
-        return model
-
-    def feeds(self, batch: int, seq: int, vocab: int, rng: np.random.Generator) -> dict:
-        feeds = {}
-        for inp in self.inputs:
-            name = inp.name
-            if name in self.given:
-                feeds[name] = self.given[name]
-                continue
-            if "past" in name and inp.type in FLOAT_TYPES:
-                # an empty cache: each graph's own cache differs (a folded value bias is not in it)
-                dims = [d if isinstance(d, int) else None for d in inp.shape]
-                if len(dims) < 2 or dims[0] is not None or any(d is None for d in dims[1:-2]):
-                    raise BadInputError(f"{self.label}: cannot make an empty cache for input {name} {inp.shape}")
-                shape = [batch] + [0 if d is None else d for d in dims[1:]]
-                feeds[name] = np.zeros(shape, FLOAT_TYPES[inp.type])
-                continue
-            if inp.type not in ("tensor(int64)", "tensor(int32)"):
-                raise BadInputError(f"{self.label}: cannot make a value for input {name} ({inp.type})")
-            dtype = np.int64 if inp.type == "tensor(int64)" else np.int32
-            if "mask" in name:
-                mask = np.ones((batch, seq), dtype)
-                if batch > 1 and seq > 1:
-                    mask[0, -1] = 0  # exercise the padding path
-                feeds[name] = mask
-            elif "position" in name:
-                feeds[name] = np.tile(np.arange(seq, dtype=dtype), (batch, 1))
-            elif "ids" in name:
-                feeds[name] = rng.integers(0, vocab, (batch, seq)).astype(dtype)
-            else:
-                raise BadInputError(f"{self.label}: cannot make a value for input {name}")
-        return feeds
-
-    def vocab_size(self) -> int:
-        rng = np.random.default_rng(0)
-        return int(self.run(self.feeds(1, 1, 1, rng)).shape[-1])
-
-    def run(self, feeds: dict) -> np.ndarray:
-        return self.run_many([self.output], feeds)[0]
-
-    def run_many(self, names: list[str], feeds: dict) -> list[np.ndarray]:
-        try:
-            return self.session.run(names, feeds)
-        except Exception as exc:
-            raise BadInputError(f"{self.label}: onnxruntime failed to run it ({str(exc).splitlines()[0][:300]})") from exc
 
 
 def centred(logits: np.ndarray) -> np.ndarray:

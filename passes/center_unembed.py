@@ -5,7 +5,7 @@ moves by the same constant, which softmax ignores.
 """
 
 from lensgraph.pipeline import Pass, PassResult, check, register
-from lensgraph.weights import LinearWeights
+from lensgraph.store.weights import LinearWeights
 
 
 @register

@@ -7,9 +7,9 @@ centring LayerNorm, which removes the mean anyway; the anatomy proves that or sa
 
 import numpy as np
 
-from lensgraph import match
+from lensgraph.graph import match
 from lensgraph.pipeline import Pass, PassResult, centred, check, register
-from lensgraph.weights import LinearWeights
+from lensgraph.store.weights import LinearWeights
 
 
 @register

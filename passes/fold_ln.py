@@ -8,7 +8,7 @@ and the norm becomes the bare normaliser (w = 1, b = 0). RMSNorm folds only the 
 import numpy as np
 
 from lensgraph.pipeline import Pass, PassResult, check, register
-from lensgraph.weights import LinearWeights
+from lensgraph.store.weights import LinearWeights
 
 
 @register

@@ -3,14 +3,14 @@
 Attention rows sum to 1, so softmax(...) @ (x W_V + b_V) = softmax(...) @ x W_V + b_V;
 through the output projection that constant becomes b_V @ W_O:
 b_O' = b_O + b_V @ W_O (per head, value heads repeated for grouped attention), b_V' = 0.
-Which value column feeds which row of W_O is measured by `lensgraph.probe`.
+Which value column feeds which row of W_O is measured by `lensgraph.graph.probe`.
 """
 
 import numpy as np
 
+from lensgraph.graph.probe import value_index
 from lensgraph.pipeline import Pass, PassResult, check, register
-from lensgraph.probe import value_index
-from lensgraph.weights import LinearWeights
+from lensgraph.store.weights import LinearWeights
 
 
 @register

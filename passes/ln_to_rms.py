@@ -19,9 +19,9 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.convenience import convert_attributes, replace_all_uses_with
 
-from lensgraph import match
+from lensgraph.graph import match
 from lensgraph.pipeline import Pass, PassResult, check, register
-from lensgraph.weights import LinearWeights
+from lensgraph.store.weights import LinearWeights
 
 TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float16): 1e-2, np.dtype(np.float64): 1e-12}
 FORMULA = "LayerNorm(x) = x / sqrt(mean(x^2) + eps) * w + b, exact because mean(x) = 0 on the centred stream"

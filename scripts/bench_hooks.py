@@ -7,7 +7,7 @@ hooks and for all. onnxruntime's inference builds run every node whatever is fet
 so a file with hook outputs pays for them on every run; run_with_cache builds its
 session with only the points asked for.
 
-    python scripts/bench_hooks.py [--size small|tiny] [--seq 128] [--threads 2] [--rounds 20]
+    python scripts/bench_hooks.py [--size gpt2-small|tiny] [--seq 128] [--threads 2] [--rounds 20]
 """
 
 from __future__ import annotations
@@ -18,22 +18,22 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _bench  # noqa: E402
+import benchlib  # noqa: E402
 
 from lensgraph import run_with_cache  # noqa: E402
-from lensgraph.cache import session as cached_session  # noqa: E402
-from lensgraph.hooks import add_hooks  # noqa: E402
-from lensgraph.model import LensModel  # noqa: E402
+from lensgraph.interp.cache import session as cached_session  # noqa: E402
+from lensgraph.interp.hooks import add_hooks  # noqa: E402
+from lensgraph.store.model import LensModel  # noqa: E402
 from lensgraph.process import process  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    parser = _bench.parser(__doc__)
+    parser = benchlib.parser(__doc__)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.dir or tmp
         os.makedirs(folder, exist_ok=True)
-        original = _bench.gpt2(folder, args.size)
+        original = benchlib.gpt2(folder, args.size)
         processed = original.replace(".onnx", ".lens.onnx")
         hooked = original.replace(".onnx", ".hooks.onnx")
         if not os.path.exists(hooked):
@@ -41,8 +41,8 @@ def main(argv=None) -> dict:
             model = LensModel.load(processed)
             add_hooks(model)
             model.save(hooked)
-        feeds = _bench.inputs(args.batch, args.seq, _bench.SIZES[args.size]["vocab_size"])
-        plain, hooks = _bench.session(processed, args.threads), _bench.session(hooked, args.threads)
+        feeds = benchlib.inputs(args.batch, args.seq, benchlib.SIZES[args.size]["vocab_size"])
+        plain, hooks = benchlib.session(processed, args.threads), benchlib.session(hooked, args.threads)
         names = [o.name for o in hooks.get_outputs()]
         for points in ([], None):  # make run_with_cache's sessions now, with the same threads
             cached_session(processed, points=points)
@@ -55,11 +55,11 @@ def main(argv=None) -> dict:
         }
         print(f"GPT-2 {args.size}, batch {args.batch} x {args.seq} tokens, {args.threads} threads, "
               f"median of {args.rounds} interleaved rounds:")
-        medians = _bench.compare(variants, args.rounds)
-        _bench.report(medians, "processed, no hooks (baseline)")
+        medians = benchlib.compare(variants, args.rounds)
+        benchlib.report(medians, "processed, no hooks (baseline)")
         hook_nodes = {n.name for n in LensModel.load(hooked).graph if "lensgraph.hook" in n.metadata_props}
-        total = _bench.kernel_ms(hooked, feeds, args.threads, 10, lambda op, node: True)
-        spent = _bench.kernel_ms(hooked, feeds, args.threads, 10, lambda op, node: node in hook_nodes)
+        total = benchlib.kernel_ms(hooked, feeds, args.threads, 10, lambda op, node: True)
+        spent = benchlib.kernel_ms(hooked, feeds, args.threads, 10, lambda op, node: node in hook_nodes)
         print(f"  time in hook kernels per run, fetching logits only (profiler): {spent:.2f} ms "
               f"of {total:.2f} ms in all kernels ({100 * spent / total:.1f}%)")
         medians["hook_kernel_ms"], medians["all_kernel_ms"] = spent, total

@@ -1,26 +1,46 @@
-"""Shared pieces of the benchmarks: the cached GPT-2-size model and measuring a child process.
+"""What the bench_*.py scripts share: GPT-2-shaped models with random weights, latency
+measured in-process, and time and memory measured in a child process.
 
-Each measurement runs in a fresh Python process so its peak resident memory is its own
-(read from wait4's rusage), and all ratios are taken against baselines run beside it.
+In-process timings are medians over rounds in which every variant runs once, so a slow
+moment on a shared machine hits all variants alike. A child-process measurement runs in
+a fresh Python so its peak resident memory is its own. Every script prints ratios against
+a baseline measured beside it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(os.path.dirname(HERE), ".cache", "bench")
 
 SIZES = {
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=128),
     # GPT-2 small: 124M parameters, 475 MiB in float32 once exported by dynamo
     "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
     # GPT-2 large: 774M parameters, about 3.1 GB in float32 (external data)
     "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20, vocab_size=50257, n_positions=1024),
 }
+
+
+# -- models -------------------------------------------------------------------------------
+def gpt2(folder: str, size: str, exporter: str = "torchscript", opset: int | None = 17) -> str:
+    """Export a GPT-2 of the given shape with random weights (randomised norms) into `folder`
+    once, in this process; return its path."""
+    from lensgraph.export import export_model
+    from lensgraph.tiny_models import tiny_gpt2
+
+    path = os.path.join(folder, f"gpt2-{size}-{exporter}{opset or ''}.onnx")
+    if not os.path.exists(path):
+        export_model(tiny_gpt2(**SIZES[size]), path, exporter=exporter, opset=opset, check=False)
+    return path
 
 
 def model_paths(size: str) -> tuple[str, str]:
@@ -30,13 +50,9 @@ def model_paths(size: str) -> tuple[str, str]:
     if not os.path.exists(onnx_path):
         os.makedirs(folder, exist_ok=True)
         code = (
-            "import sys, torch, transformers as tf\n"
-            "from lensgraph.demo import randomise_1d\n"
             "from lensgraph.export import export_model\n"
-            f"torch.manual_seed(0)\n"
-            f"cfg = tf.GPT2Config(**{SIZES[size]!r}, attn_implementation='eager')\n"
-            "m = tf.GPT2LMHeadModel(cfg).eval()\n"
-            "randomise_1d(m, 0)\n"
+            "from lensgraph.tiny_models import tiny_gpt2\n"
+            f"m = tiny_gpt2(**{SIZES[size]!r})\n"
             f"m.save_pretrained({checkpoint!r})\n"
             f"print(export_model(m, {onnx_path!r}, exporter='dynamo', check=False))\n"
         )
@@ -51,12 +67,88 @@ def external_copy(onnx_path: str) -> str:
     path = os.path.join(folder, "model.onnx")
     if not os.path.exists(path):
         os.makedirs(folder, exist_ok=True)
-        code = ("from lensgraph.model import LensModel\n"
+        code = ("from lensgraph import LensModel\n"
                 f"LensModel.load({onnx_path!r}).save({path!r}, external_data=True)\n")
         subprocess.run([sys.executable, "-c", code], check=True)
     return path
 
 
+# -- latency in this process -----------------------------------------------------------
+def parser(doc: str):
+    """The options every in-process latency benchmark takes."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="gpt2-small")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--dir", help="keep the models here (default: a temporary folder)")
+    return p
+
+
+def session(model, threads: int, provider: str = "CPUExecutionProvider"):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model, options, providers=[provider])
+
+
+def inputs(batch: int, seq: int, vocab: int) -> dict:
+    ids = np.random.default_rng(0).integers(0, vocab, (batch, seq)).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def kernel_ms(model, feeds: dict, threads: int, runs: int, keep) -> float:
+    """Milliseconds per run that onnxruntime's profiler books to the kernels `keep(op, node)` picks
+    (each kernel's median over the runs, so the first, cold run does not count)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        sess.run(["logits"], feeds)
+    profile = sess.end_profiling()
+    with open(profile) as f:
+        events = json.load(f)
+    os.remove(profile)
+    per_node: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            node = e["name"].removesuffix("_kernel_time")
+            if keep(e.get("args", {}).get("op_name"), node):
+                per_node.setdefault(node, []).append(e["dur"])
+    return sum(statistics.median(d) for d in per_node.values()) / 1000  # median run of each kernel
+
+
+def compare(variants: dict, rounds: int, warmup: int = 3) -> dict[str, float]:
+    """variants: name -> zero-argument callable; returns name -> median milliseconds."""
+    for run in variants.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def report(medians: dict[str, float], baseline: str) -> None:
+    base = medians[baseline]
+    for name, ms in medians.items():
+        print(f"  {name:48s} {ms:8.2f} ms   x{ms / base:.3f}")
+
+
+# -- time and memory in a child process --------------------------------------------------
 def measure(code: str) -> dict:
     """Run `code` in a fresh interpreter; it prints a JSON dict with 'seconds' and its peak RSS.
 

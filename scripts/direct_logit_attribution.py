@@ -19,8 +19,8 @@ import tempfile
 import numpy as np
 
 import lensgraph
-from lensgraph.analysis import Readout, direct_logit_attribution
-from lensgraph.demo import tiny_lens_model
+from lensgraph.interp.analysis import Readout, direct_logit_attribution
+from lensgraph.tiny_models import tiny_lens_model
 
 
 def main(argv=None) -> dict:

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-from lensgraph import zoo
+from lensgraph import tiny_models
 from lensgraph.errors import LensError
 from lensgraph.export import export_model
 from lensgraph.process import process
@@ -27,7 +27,7 @@ def main(families: list[str]) -> None:
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for family in families:
-            model = zoo.build(family, seed=7)
+            model = tiny_models.build(family, seed=7)
             for form, kwargs in FORMS.items():
                 src, out = os.path.join(folder, f"{family}-{form}.onnx"), os.path.join(folder, "out.onnx")
                 try:
@@ -48,4 +48,4 @@ def main(families: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or zoo.FAMILIES)
+    main(sys.argv[1:] or tiny_models.FAMILIES)

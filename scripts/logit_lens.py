@@ -17,8 +17,8 @@ import tempfile
 import numpy as np
 
 import lensgraph
-from lensgraph.analysis import Readout, logit_lens
-from lensgraph.demo import tiny_lens_model
+from lensgraph.interp.analysis import Readout, logit_lens
+from lensgraph.tiny_models import tiny_lens_model
 
 
 def main(argv=None) -> dict:

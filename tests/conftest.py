@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from lensgraph.demo import tiny_gpt2
+from lensgraph.tiny_models import tiny_gpt2
 
 EXPORT_FORMS = {
     "torchscript17": dict(exporter="torchscript", opset=17),

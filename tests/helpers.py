@@ -8,7 +8,7 @@ import onnxruntime as ort
 
 from lensgraph.pipeline import Pass, PassResult
 from lensgraph.verify import centred
-from lensgraph.weights import LinearWeights
+from lensgraph.store.weights import LinearWeights
 
 
 def feeds(batch: int = 2, seq: int = 6, vocab: int = 96, seed: int = 0) -> dict:

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import feeds
 from lensgraph import run_with_cache
-from lensgraph.analysis import Readout, components, direct_logit_attribution, logit_lens
+from lensgraph.interp.analysis import Readout, components, direct_logit_attribution, logit_lens
 from lensgraph.process import process
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")

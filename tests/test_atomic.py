@@ -13,9 +13,9 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-import lensgraph.atomic
+import lensgraph.store.atomic
 from files import LENSGRAPH, cli, one_error_line, snapshot
-from lensgraph.model import LensModel
+from lensgraph.store.model import LensModel
 from lensgraph.verify import verify
 
 BALLAST = 24 * 2**20  # float32 values: a 96 MiB tensor, long enough to write that a kill lands mid-way
@@ -114,7 +114,7 @@ def test_failed_final_rename_keeps_the_previous_output_loadable(capsys, tmp_path
             raise OSError(28, "No space left on device")
         real_replace(a, b)
 
-    monkeypatch.setattr(lensgraph.atomic.os, "replace", replace_data_then_fail)
+    monkeypatch.setattr(lensgraph.store.atomic.os, "replace", replace_data_then_fail)
     code, _, err = cli(capsys, "process", src, "-o", out)
     assert code == 3
     assert "cannot move the output into place (No space left on device)" in one_error_line(err)
@@ -127,7 +127,7 @@ def test_failed_final_rename_keeps_the_previous_output_loadable(capsys, tmp_path
 
 
 def test_failed_write_publishes_nothing(capsys, tmp_path, gpt2_exports, monkeypatch):
-    real_write = lensgraph.atomic.write_model
+    real_write = lensgraph.store.atomic.write_model
 
     def write_half_then_fail(model, path, *args, **kwargs):
         real_write(model, path, *args, **kwargs)
@@ -135,7 +135,7 @@ def test_failed_write_publishes_nothing(capsys, tmp_path, gpt2_exports, monkeypa
             f.truncate(os.path.getsize(path) // 2)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lensgraph.atomic, "write_model", write_half_then_fail)
+    monkeypatch.setattr(lensgraph.store.atomic, "write_model", write_half_then_fail)
     out = tmp_path / "lens.onnx"
     code, _, err = cli(capsys, "process", gpt2_exports["dynamo"], "-o", out)
     assert code == 3 and "cannot write the output (No space left on device)" in one_error_line(err)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from lensgraph.demo import tiny_gpt2
+from lensgraph.tiny_models import tiny_gpt2
 
 LENSGRAPH = os.path.join(os.path.dirname(sys.executable), "lensgraph")
 

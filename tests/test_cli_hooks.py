@@ -9,7 +9,7 @@ import sys
 import onnx
 import pytest
 
-from lensgraph.hookpoints import all_names
+from lensgraph.graph.hookpoints import all_names
 from lensgraph.process import process
 
 LENSGRAPH = os.path.join(os.path.dirname(sys.executable), "lensgraph")

@@ -12,10 +12,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from lensgraph.deferred import BLOCK, Deferred, DeferredTensor, Source, is_centred
+from lensgraph.store.deferred import BLOCK, Deferred, DeferredTensor, Source, is_centred
 from lensgraph.errors import LensError
 from lensgraph.process import process
-from lensgraph.weights import file_tensor
+from lensgraph.store.filetensor import file_tensor
 
 
 def _chain(m, M, rng):

@@ -13,13 +13,13 @@ import numpy as np
 import onnx
 import pytest
 
-from lensgraph import zoo
+from lensgraph import tiny_models
 from helpers import feeds, logits_gap, run
-from lensgraph.anatomy import analyse
-from lensgraph.describe import describe
-from lensgraph.model import LensModel
+from lensgraph.graph.anatomy import analyse
+from lensgraph.graph.describe import describe
+from lensgraph.store.model import LensModel
 from lensgraph.process import process
-from lensgraph.weights import LinearWeights
+from lensgraph.store.weights import LinearWeights
 
 FORMS = {
     "torchscript17": dict(exporter="torchscript", opset=17),
@@ -55,7 +55,7 @@ def family_exports(tmp_path_factory):
         key = (family, form)
         if key not in cache:
             if family not in models:
-                models[family] = zoo.build(family, seed=7)
+                models[family] = tiny_models.build(family, seed=7)
             path = os.path.join(folder, f"{family}-{form}.onnx")
             export_model(models[family], path, **FORMS[form])
             cache[key] = path
@@ -100,7 +100,7 @@ def test_family_form(family_exports, tmp_path, family, form):
             node, idx = norm.bias
             assert np.all(model.weights.read(node.inputs[idx]) == 0.0), norm.name
 
-    x = feeds(2, 6, vocab=zoo.VOCAB)
+    x = feeds(2, 6, vocab=tiny_models.VOCAB)
     before, after = _stream(src, x), _stream(out, x)
     assert len(before) == len(after) == n_norms
     for b, a in zip(before, after):

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from lensgraph import zoo
+from lensgraph import tiny_models
 from helpers import feeds, relative_gap, run
 from lensgraph.export import export_model
 from lensgraph.process import process
@@ -16,17 +16,17 @@ from tl_reference import gpt2_tl_processed, llama_tl_processed
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_float16_model(tmp_path, family):
-    model = zoo.build(family, seed=11)
+    model = tiny_models.build(family, seed=11)
     fp32, fp16 = str(tmp_path / "fp32.onnx"), str(tmp_path / "fp16.onnx")
     export_model(model, fp32, exporter="torchscript")
-    export_model(zoo.build(family, seed=11).half(), fp16, exporter="torchscript")
+    export_model(tiny_models.build(family, seed=11).half(), fp16, exporter="torchscript")
     out = str(tmp_path / "fp16.lens.onnx")
     report = process(fp16, out)
     assert report["verification"]["ok"] and report["verification"]["tolerance"] == 2e-2
     assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in onnx.load(out).graph.initializer
                if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(t.dims) == 2)
 
-    x = feeds(2, 6, vocab=zoo.VOCAB)
+    x = feeds(2, 6, vocab=tiny_models.VOCAB)
     reference = run(fp32, x)["logits"]
     against_fp16 = relative_gap(run(fp16, x)["logits"], run(out, x)["logits"])
     against_fp32 = relative_gap(reference, run(out, x)["logits"])

@@ -9,9 +9,9 @@ import pytest
 from onnx import helper
 
 from helpers import logits_gap
-from lensgraph.anatomy import analyse
-from lensgraph.model import LensModel
-from lensgraph.norms import find_norms
+from lensgraph.graph.anatomy import analyse
+from lensgraph.store.model import LensModel
+from lensgraph.graph.norms import find_norms
 from lensgraph.process import process
 from test_families import family_exports  # noqa: F401  (session fixture)
 

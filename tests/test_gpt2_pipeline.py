@@ -9,12 +9,12 @@ import onnx
 import pytest
 
 from helpers import feeds, logits_gap, run
-from lensgraph import match
-from lensgraph.anatomy import analyse
-from lensgraph.model import LensModel
+from lensgraph.graph import match
+from lensgraph.graph.anatomy import analyse
+from lensgraph.store.model import LensModel
 from lensgraph.pipeline import DEFAULT_PIPELINE
 from lensgraph.process import process
-from lensgraph.weights import LinearWeights
+from lensgraph.store.weights import LinearWeights
 
 
 @pytest.fixture

@@ -14,12 +14,13 @@ import pytest
 from onnx import helper, numpy_helper
 
 from helpers import BreakUnembed, feeds, logits_gap, run
-from lensgraph import VerificationError, match
-from lensgraph.anatomy import analyse
-from lensgraph.model import LensModel
+from lensgraph import VerificationError
+from lensgraph.graph import match
+from lensgraph.graph.anatomy import analyse
+from lensgraph.store.model import LensModel
 from lensgraph.pipeline import PassManager
 from lensgraph.process import process
-from lensgraph.weights import LinearWeights
+from lensgraph.store.weights import LinearWeights
 
 
 def edited(src: str, dst, edit) -> str:

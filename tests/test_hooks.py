@@ -14,10 +14,10 @@ import torch
 
 from helpers import feeds
 from lensgraph import BadInputError, run_with_cache
-from lensgraph.cache import session
-from lensgraph.hookpoints import all_names
-from lensgraph.hooks import add_hooks, hook_names
-from lensgraph.model import LensModel
+from lensgraph.interp.cache import session
+from lensgraph.graph.hookpoints import all_names
+from lensgraph.interp.hooks import add_hooks, hook_names
+from lensgraph.store.model import LensModel
 from lensgraph.process import process
 from lensgraph.verify import verify
 from tl_bridge import bridge_cache
@@ -145,7 +145,7 @@ def test_no_hooks_requested_runs_the_plain_graph(models, tmp_path, monkeypatch):
     assert [o.name for o in sess.get_outputs()] == ["logits"]
     proto = LensModel.load(processed).to_proto().SerializeToString()
     plain = LensModel.load(hooked)
-    from lensgraph.hooks import remove_hooks
+    from lensgraph.interp.hooks import remove_hooks
 
     remove_hooks(plain)
     assert executed_kernels(plain.to_proto().SerializeToString()) == executed_kernels(proto)

@@ -13,9 +13,9 @@ import torch
 
 from helpers import feeds
 from lensgraph import run_with_cache
-from lensgraph.demo import randomise_1d
-from lensgraph.hookpoints import all_names, place
-from lensgraph.model import LensModel
+from lensgraph.tiny_models import randomise_1d
+from lensgraph.graph.hookpoints import all_names, place
+from lensgraph.store.model import LensModel
 from lensgraph.process import process
 
 FORMS = {"torchscript17": dict(exporter="torchscript", opset=17), "dynamo": dict(exporter="dynamo")}

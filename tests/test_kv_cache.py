@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from lensgraph import zoo
+from lensgraph import tiny_models
 from helpers import relative_gap
 from lensgraph.export import cache_names, export_model
 from lensgraph.process import process
@@ -38,7 +38,7 @@ def generate(path: str, prompt: np.ndarray, steps: int) -> list[np.ndarray]:
 @pytest.mark.parametrize("family, value_folds", [("gpt2", 2), ("qwen2", 2), ("gpt_neox", 2)])
 def test_generation_with_cache(tmp_path, family, value_folds):
     src = str(tmp_path / "kv.onnx")
-    info = export_model(zoo.build(family, seed=5), src, exporter="torchscript", cache=True)
+    info = export_model(tiny_models.build(family, seed=5), src, exporter="torchscript", cache=True)
     assert info["cache"] and info["max_abs_diff"] < 1e-4
     graph = onnx.load(src).graph
     past, present = cache_names(2)
@@ -49,7 +49,7 @@ def test_generation_with_cache(tmp_path, family, value_folds):
     report = process(src, out)
     assert report["verification"]["ok"]
     assert {p["name"]: p["rewritten"] for p in report["passes"]}["fold_value_biases"] == value_folds
-    prompt = np.random.default_rng(0).integers(0, zoo.VOCAB, (2, 4)).astype(np.int64)
+    prompt = np.random.default_rng(0).integers(0, tiny_models.VOCAB, (2, 4)).astype(np.int64)
     before, after = generate(src, prompt, 4), generate(out, prompt, 4)
     for step, (a, b) in enumerate(zip(before, after)):
         assert relative_gap(a, b) < 1e-5, step
@@ -59,4 +59,4 @@ def test_cache_export_needs_torchscript(tmp_path):
     from lensgraph.errors import BadInputError
 
     with pytest.raises(BadInputError, match="torchscript"):
-        export_model(zoo.build("gpt2"), tmp_path / "x.onnx", exporter="dynamo", cache=True)
+        export_model(tiny_models.build("gpt2"), tmp_path / "x.onnx", exporter="dynamo", cache=True)

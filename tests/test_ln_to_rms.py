@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 
 from helpers import logits_gap
-from lensgraph.model import LensModel
+from lensgraph.store.model import LensModel
 from lensgraph.pipeline import DEFAULT_PIPELINE, PassManager
 from lensgraph.process import process
-from lensgraph.weights import LinearWeights
+from lensgraph.store.weights import LinearWeights
 
 FULL = list(DEFAULT_PIPELINE) + ["ln_to_rms"]
 
@@ -82,7 +82,7 @@ def test_guard_checks_the_weights_themselves(gpt2_exports, tmp_path):
     processed = tmp_path / "lens.onnx"
     process(gpt2_exports["dynamo"], processed)
     model = LensModel.load(processed)
-    from lensgraph.anatomy import analyse
+    from lensgraph.graph.anatomy import analyse
 
     writer = next(w for w in analyse(model.graph).writers if w.role == "mlp_out")
     linear = LinearWeights(model.weights)

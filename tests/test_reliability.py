@@ -113,12 +113,12 @@ def test_debug_adds_the_traceback(capsys, tmp_path, good):
 
 
 def test_internal_error_is_exit_4_with_one_line(capsys, tmp_path, good, monkeypatch):
-    import lensgraph.describe
+    import lensgraph.graph.describe
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(lensgraph.describe, "describe", broken)
+    monkeypatch.setattr(lensgraph.graph.describe, "describe", broken)
     code, _, err = cli(capsys, "inspect", good)
     assert code == 4
     line = err.strip()

@@ -12,14 +12,14 @@ import numpy as np
 import onnx
 import pytest
 
-import lensgraph.model
+import lensgraph.store.model
 from files import cli
-from lensgraph import wire
-from lensgraph.model import LensModel
+from lensgraph.store import wire
+from lensgraph.store.model import LensModel
 from lensgraph.pipeline import PassManager
 from lensgraph.process import process
 from lensgraph.verify import verify
-from lensgraph.deferred import DeferredTensor
+from lensgraph.store.deferred import DeferredTensor
 
 
 def test_skeleton_finds_every_large_initializer_in_place(gpt2_exports):
@@ -79,7 +79,7 @@ def test_deferred_weights_are_streamed_exactly_as_computed_whole(tmp_path, gpt2_
 @pytest.mark.parametrize("form", ["dynamo", "torchscript14"])
 def test_a_model_over_the_threshold_goes_to_external_data(tmp_path, gpt2_exports, monkeypatch, form):
     """The >2 GB rule at small size: the threshold is lowered, so the weights go to OUT.data."""
-    monkeypatch.setattr(lensgraph.model, "EXTERNAL_ABOVE", 1000)
+    monkeypatch.setattr(lensgraph.store.model, "EXTERNAL_ABOVE", 1000)
     src = gpt2_exports[form]
     out = tmp_path / "out" / "lens.onnx"
     report = process(src, out)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lensgraph import match
-from lensgraph.anatomy import analyse
-from lensgraph.model import LensModel
+from lensgraph.graph import match
+from lensgraph.graph.anatomy import analyse
+from lensgraph.store.model import LensModel
 from lensgraph.process import process
-from lensgraph.weights import LinearWeights
-from lensgraph import zoo
+from lensgraph.store.weights import LinearWeights
+from lensgraph import tiny_models
 from tl_reference import gpt2_tl_processed, llama_tl_processed, neox_tl_processed
 from test_families import family_exports  # noqa: F401  (session fixture)
 
@@ -139,7 +139,7 @@ def llama_onnx_as_tl(path: str, n_heads: int, n_kv: int) -> dict[str, np.ndarray
 def test_neox_matches_transformerlens(family_exports, tmp_path, form):
     out = tmp_path / "neox.onnx"
     process(family_exports("gpt_neox", form), out)
-    hf = zoo.build("gpt_neox", seed=7)
+    hf = tiny_models.build("gpt_neox", seed=7)
     ours = neox_onnx_as_tl(str(out), hf.config.num_attention_heads)
     theirs = neox_tl_processed(hf)
     keys = [k for k in theirs if not k.startswith(("blocks.0.ln", "blocks.1.ln", "ln_final"))]
@@ -152,7 +152,7 @@ def test_neox_matches_transformerlens(family_exports, tmp_path, form):
 def test_llama_matches_transformerlens(family_exports, tmp_path, form):
     out = tmp_path / "llama.onnx"
     process(family_exports("llama", form), out)
-    hf = zoo.build("llama", seed=7)
+    hf = tiny_models.build("llama", seed=7)
     ours = llama_onnx_as_tl(str(out), hf.config.num_attention_heads, hf.config.num_key_value_heads)
     theirs = llama_tl_processed(hf)
     keys = [k for k in theirs if not k.startswith(("blocks.0.ln", "blocks.1.ln", "ln_final"))]

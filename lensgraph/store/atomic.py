@@ -21,8 +21,9 @@ import tempfile
 import onnx
 import onnx_ir as ir
 
+from ..errors import BadInputError, LensError
 from . import wire
-from .errors import BadInputError, LensError
+from .safety import all_tensors
 from .writer import write_model
 
 ALTERNATES = 3  # NAME.data, NAME.1.data, NAME.2.data: enough for any model being replaced
@@ -62,6 +63,14 @@ class StagedModel:
                 os.unlink(old)
         return self.path
 
+    def write(self, model: ir.Model) -> None:
+        """Write `model` (and its external data, if any) into the hidden folder."""
+        try:
+            write_model(model, self.staged_path, self.data_name)
+        except OSError as exc:  # disk full, permissions: nothing is published
+            raise LensError(f"{self.path}: cannot write the output ({exc.strerror or exc}); "
+                            "nothing was written") from exc
+
     def discard(self) -> None:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
         for folder in self.created:  # deepest first; only if still empty
@@ -81,10 +90,12 @@ class StagedModel:
         return False
 
 
-def stage(model: ir.Model, path: str, data_name: str | None, protected: list[str] = (),
-          replace_input: bool = False) -> StagedModel:
-    """Write `model` (and, when `data_name` is given, its external data) beside `path`.
+def prepare(path: str, data_name: str | None = None, protected: list[str] = (),
+            replace_input: bool = False) -> StagedModel:
+    """Check `path` as an output and make the hidden folder beside it; nothing is written yet.
 
+    The caller (or `stage`) writes the model to `staged_path` and its data, when
+    `data_name` is given, to the name the StagedModel chose (`data_name` or an alternate).
     `protected` are the input's files (model and data): refused as targets unless
     `replace_input` is set, in which case the input model itself may be replaced.
     """
@@ -109,12 +120,15 @@ def stage(model: ir.Model, path: str, data_name: str | None, protected: list[str
         tmpdir = tempfile.mkdtemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     except OSError as exc:
         raise BadInputError(f"{folder}: cannot write into this folder ({exc.strerror or exc})") from exc
-    staged = StagedModel(path, tmpdir, data_name, stale, created)
+    return StagedModel(path, tmpdir, data_name, stale, created)
+
+
+def stage(model: ir.Model, path: str, data_name: str | None, protected: list[str] = (),
+          replace_input: bool = False) -> StagedModel:
+    """Write `model` (and, when `data_name` is given, its external data) beside `path`."""
+    staged = prepare(path, data_name, protected, replace_input)
     try:
-        write_model(model, staged.staged_path, data_name)
-    except OSError as exc:  # disk full, permissions: nothing is published
-        staged.discard()
-        raise LensError(f"{path}: cannot write the output ({exc.strerror or exc}); nothing was written") from exc
+        staged.write(model)
     except BaseException:
         staged.discard()
         raise
@@ -172,8 +186,6 @@ def data_files_of(path: str) -> set[str]:
         proto = onnx.ModelProto.FromString(wire.skeleton(path)[0])  # the weights are not parsed
     except Exception:
         return set()
-    from .safety import all_tensors
-
     return {
         e.value for t in all_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL
         for e in t.external_data if e.key == "location"

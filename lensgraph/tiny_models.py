@@ -1,5 +1,6 @@
-"""Tiny models of every supported family, built from configs with random weights (needs the
-[export] extra).
+"""Tiny models with random weights, built from configs, for the demo, the tests and the
+benchmarks (needs the [export] extra; no network): a GPT-2 of any shape, and one model of
+every supported family.
 
 Every 1-D parameter is randomised (HF initialises norms to 1 and biases to 0, which
 would hide folding mistakes). Sizes are tiny so the whole matrix exports in seconds.
@@ -7,11 +8,50 @@ would hide folding mistakes). Sizes are tiny so the whole matrix exports in seco
 
 from __future__ import annotations
 
+import os
+
 import torch
 import transformers as tf
 
-from .demo import randomise_1d
 
+def randomise_1d(model, seed: int = 0, spread: float = 0.2) -> None:
+    """Give every 1-D parameter a non-trivial value (HF initialises norms to 1 and biases to 0,
+    which would make folding look right when it is not)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim != 1:
+                continue
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * spread
+            is_scale = name.endswith("weight")
+            param.copy_((noise + 1.0 if is_scale else noise).to(param.dtype))
+
+
+def tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, vocab_size: int = 256,
+              n_positions: int = 128):
+    """A GPT-2 of the given shape (pre-LN, learned positions, tied embeddings, fused c_attn)."""
+    torch.manual_seed(seed)
+    config = tf.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size,
+                           n_positions=n_positions, bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    model = tf.GPT2LMHeadModel(config).eval()
+    randomise_1d(model, seed)
+    return model
+
+
+def tiny_lens_model(folder: str, seed: int = 0) -> str:
+    """A tiny GPT-2, exported (TorchScript, opset 17: the quickest) and processed; returns the processed path."""
+    from .export import export_model
+    from .process import process
+
+    os.makedirs(folder, exist_ok=True)
+    original = os.path.join(folder, "tiny-gpt2.onnx")
+    processed = os.path.join(folder, "tiny-gpt2.lens.onnx")
+    export_model(tiny_gpt2(seed), original, exporter="torchscript", opset=17)
+    process(original, processed)
+    return processed
+
+
+# -- one tiny model of each family ------------------------------------------------------
 VOCAB = 96
 SMALL = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .anatomy import analyse
-from .errors import LensError
-from .hookpoints import writers_by_role
-from .model import LensModel
-from .weights import LinearWeights
+from ..errors import LensError
+from ..graph.anatomy import analyse
+from ..graph.hookpoints import writers_by_role
+from ..store.model import LensModel
+from ..store.weights import LinearWeights
 
 
 @dataclass

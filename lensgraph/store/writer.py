@@ -21,10 +21,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import progress, wire
-from .errors import unwrapped
+from .. import progress
+from ..errors import unwrapped
+from . import wire
 from .deferred import DeferredTensor
-from .weights import FileTensor
+from .filetensor import FileTensor
 
 LIMIT = 1024  # initializers over this many bytes are streamed (or go to external data)
 ALIGN = 4096

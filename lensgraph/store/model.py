@@ -19,11 +19,12 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import CheckerPass, RemoveUnusedNodesPass, ShapeInferencePass
 
-from . import __version__
+from .._version import __version__
+from ..errors import BadInputError, LensError, unwrapped
 from .atomic import StagedModel, stage
-from .errors import BadInputError, LensError, unwrapped
+from .filetensor import file_tensor, readable_in_place
 from .safety import open_model, runtime_contrib_op
-from .weights import WeightStore, file_tensor, readable_in_place
+from .weights import WeightStore
 
 APPLIED_KEY = "lensgraph.applied"
 TWO_GB = 2**31

@@ -20,6 +20,7 @@ import math
 import numpy as np
 from onnx import helper
 
+from ..store.runner import Runner
 from .anatomy import Attention
 
 BASE = 64  # digits of a column's code: 1..BASE stay exact (to 0.25) in float16 through attention
@@ -42,8 +43,6 @@ def value_index(model, attentions: list[Attention], provider: str = "CPUExecutio
 
 
 def _run(proto, held_out: dict, targets: list, results: list, provider: str) -> None:
-    from .verify import Runner
-
     graph = proto.graph
     nodes: dict = {}
     for node in graph.node:

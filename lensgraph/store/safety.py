@@ -19,8 +19,8 @@ from typing import Iterator
 import onnx
 import onnx_ir as ir
 
+from ..errors import BadInputError, LensError
 from . import wire
-from .errors import BadInputError
 
 SMALL_TENSOR = 1 << 16  # external tensors up to this size are read into memory on open
 STANDARD_DOMAINS = {"": "", "ai.onnx": ""}  # the default domain has two spellings
@@ -261,7 +261,7 @@ def check_runtime_support(proto: onnx.ModelProto, path: str) -> None:
     for function in proto.functions:  # a function's body may import opsets of its own
         for o in function.opset_import:
             versions.setdefault(STANDARD_DOMAINS.get(o.domain, o.domain), o.version)
-    known = _runtime_ops()
+    known = runtime_ops()
     local = {(f.domain, f.name) for f in proto.functions}
     for node in _all_nodes(proto):
         domain = STANDARD_DOMAINS.get(node.domain, node.domain)
@@ -293,16 +293,26 @@ def runtime_contrib_op(message: str) -> bool:
     domain (its optimiser writes SimplifiedLayerNormalization there); the ops are still
     checked against onnxruntime below, and every rewrite is verified by running it."""
     unknown = re.match(r"No Op registered for (\w+) with domain_version", message.strip())
-    return bool(unknown) and ("", unknown.group(1)) in _runtime_ops()
+    return bool(unknown) and ("", unknown.group(1)) in runtime_ops()
 
 
 @functools.lru_cache(maxsize=None)
-def _runtime_ops() -> dict[tuple[str, str], int]:
-    """(domain, op) -> the earliest opset at which onnxruntime has it."""
-    from onnxruntime.capi import _pybind_state
+def runtime_ops() -> dict[tuple[str, str], int]:
+    """(domain, op) -> the earliest opset at which onnxruntime has it.
 
+    The list comes from onnxruntime's private `capi._pybind_state` module: onnxruntime
+    (1.32) has no public equivalent, and `onnx.defs` lacks its com.microsoft ops. This is
+    the one place lensgraph reads it; tests/test_layout.py fails the day it moves.
+    """
+    import onnxruntime as ort
+
+    try:
+        from onnxruntime.capi._pybind_state import get_all_operator_schema
+    except ImportError as exc:
+        raise LensError(f"onnxruntime {ort.__version__} no longer lists its operators "
+                        f"(capi._pybind_state.get_all_operator_schema); lensgraph needs an update") from exc
     ops: dict[tuple[str, str], int] = {}
-    for schema in _pybind_state.get_all_operator_schema():
+    for schema in get_all_operator_schema():
         key = (schema.domain, schema.name)
         ops[key] = min(ops.get(key, schema.since_version), schema.since_version)
     return ops

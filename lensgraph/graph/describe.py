@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .anatomy import Anatomy, analyse
-from .model import LensModel
-from .pipeline import nothing_to_rewrite
+from ..store.model import LensModel
+from . import match
+from .anatomy import Anatomy, analyse, nothing_to_rewrite
 
 
 def describe(model: LensModel, anatomy: Anatomy | None = None) -> dict:
@@ -67,8 +67,6 @@ def traits(a: Anatomy) -> dict:
 
 
 def _tied(a: Anatomy) -> bool:
-    from . import match
-
     if a.unembed is None:
         return False
     tables = [match.back(w.node.inputs[w.idx], {"Identity"})[0] for w in a.writers if w.role == "embed"]

@@ -1,6 +1,6 @@
 """Hook points as graph outputs, named as TransformerLens names them.
 
-Each placed point (see hookpoints.py) becomes a graph output through a node named
+Each placed point (see graph/hookpoints.py) becomes a graph output through a node named
 after the point: an Identity for a tensor already in TransformerLens's layout, else the
 Reshape, Expand or Transpose that gives it that layout, or a small subgraph for a norm's
 scale. Nothing existing is renamed or rewired, so the original outputs are unchanged, and
@@ -23,10 +23,11 @@ import onnx_ir as ir
 from onnx_ir.convenience import convert_attributes
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from . import __version__, match
-from .errors import BadInputError
-from .hookpoints import AS_IS, BROADCAST, HEADS, PER_POSITION, SCALE, Placement, Point, place
-from .model import LensModel
+from .._version import __version__
+from ..errors import BadInputError
+from ..graph import match
+from ..graph.hookpoints import AS_IS, BROADCAST, HEADS, PER_POSITION, SCALE, Placement, Point, place, template
+from ..store.model import LensModel
 
 HOOK_KEY = "lensgraph.hook"
 HOOKS_KEY = "lensgraph.hooks"
@@ -101,8 +102,6 @@ def _is_hook(node: ir.Node | None) -> bool:
 
 
 def _summarise(names: list[str]) -> str:
-    from .hookpoints import template
-
     seen = []
     for n in names:
         t = template(n)

@@ -17,8 +17,11 @@ import os
 
 import numpy as np
 
-from .errors import BadInputError
-from .hooks import select
+from ..errors import BadInputError
+from ..graph.hookpoints import place
+from ..store.model import LensModel
+from ..store.runner import Runner
+from .hooks import add_hooks, remove_hooks, select
 
 _FILES: dict[str, tuple[tuple, list[str]]] = {}  # path -> (file key, placeable points)
 _SESSIONS: dict[tuple, object] = {}
@@ -46,10 +49,6 @@ def _file_key(model) -> tuple[str, tuple]:
 
 def _points(path: str, key: tuple) -> list[str]:
     """Every hook point the anatomy can place in this file (worked out once per file)."""
-    from .hookpoints import place
-    from .hooks import remove_hooks
-    from .model import LensModel
-
     if path not in _FILES or _FILES[path][0] != key:
         model = LensModel.load(path)
         remove_hooks(model)
@@ -58,10 +57,6 @@ def _points(path: str, key: tuple) -> list[str]:
 
 
 def _open(path: str, provider: str, names: list[str]):
-    from .hooks import add_hooks
-    from .model import LensModel
-    from .verify import Runner
-
     model = LensModel.load(path)
     add_hooks(model, names)
     return Runner(model, provider, label=path).session

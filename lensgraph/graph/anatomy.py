@@ -13,7 +13,6 @@ import math
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_ir as ir
 
 from . import match
@@ -463,3 +462,21 @@ def _number_layers(anatomy: Anatomy, order: dict) -> None:
         if writer.kind == "linear":
             att = next((a for a in blocks if a.o is writer.linear or a.o.node is writer.node), None)
             writer.layer = writer.linear.layer = att.layer if att else after_attention(writer.node)
+
+
+def nothing_to_rewrite(anatomy: Anatomy) -> str | None:
+    """Why the graph is not a transformer whose weights lensgraph processes; None if it is.
+
+    The passes are exact only on a residual stream read through norms. An MLP or a CNN
+    has neither, and centring its outputs, say, would still pass verification (which
+    compares logits up to a constant) while changing what the model means.
+    """
+    if not anatomy.norms:
+        return "no LayerNorm or RMSNorm found"
+    if any(n.terms for n in anatomy.norms):
+        return None  # onnxruntime fused the residual sums into the norms
+    for value in anatomy.stream:
+        node = match.back(value)[0].producer()
+        if node is not None and node.op_type == "Add" and not any(match.is_const(v) for v in node.inputs):
+            return None
+    return "no residual stream (no norm reads a sum of computed terms)"

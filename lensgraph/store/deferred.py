@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnx_ir as ir
 
-from .errors import LensError
+from ..errors import LensError
+from .filetensor import FileTensor, write_in_pieces
 
 BLOCK = 1 << 20  # bytes of stored values per row block: small enough to stay in cache
-WRITE = 1 << 18  # bytes per write call: large writes can stall in the kernel's page cache
 
 
 class Source:
@@ -44,8 +44,6 @@ class Source:
     def of(cls, tensor: ir.TensorProtocol) -> "Source":
         """The Source of `tensor`: one per file-backed tensor, so every matrix derived from
         it (a table and its untied unembedding, say) shares the products already read."""
-        from .weights import FileTensor
-
         if not isinstance(tensor, FileTensor):
             return cls(tensor)
         if tensor.source_of_products is None:
@@ -54,8 +52,6 @@ class Source:
 
     def values(self) -> np.ndarray:
         """The stored values as a 2-D array: a memory map of the file for a FileTensor."""
-        from .weights import FileTensor  # weights.py builds on this module
-
         if isinstance(self.tensor, FileTensor):
             return self.tensor.mapped().reshape(self.shape)
         return np.asarray(self.tensor.numpy()).reshape(self.shape)
@@ -431,9 +427,3 @@ class DeferredTensor(ir.LazyTensor):
 @functools.cache
 def _writer() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="lensgraph-writer")
-
-
-def write_in_pieces(f, data: memoryview) -> None:
-    """Write `data` to `f` in WRITE-sized calls."""
-    for start in range(0, len(data), WRITE):
-        f.write(data[start:start + WRITE])

@@ -1,0 +1,3 @@
+"""What a user reads out of a model: hook points as graph outputs, run_with_cache, and the
+analyses built on the cache (logit lens, direct logit attribution).
+"""
