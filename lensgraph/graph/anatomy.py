@@ -1,114 +1,42 @@
 """Anatomy: find the transformer in an exported graph.
 
 Passes never walk the graph themselves; they ask this module. It returns plain data:
-the norms and the linear maps that read them, the residual stream and every term
-written into it, the unembedding, and attention's V->O paths. Whatever it cannot
+the norms with their roles and the linear maps that read them, the residual stream and
+every term written into it (each proven to be attention, an MLP, an embedding or a
+constant), the layers, the unembedding, and attention's V->O paths. Whatever it cannot
 prove is left out with a reason, and the passes skip it.
+
+Norm roles:
+    reader            reads the residual stream; its output feeds linear maps (foldable)
+    final             the reader before the unembedding
+    sublayer_output   normalises a sublayer's output before it is added into the stream
+                      (Gemma 2/3's post_attention/post_feedforward norms, OLMo 2's)
+    head              inside attention, over queries or keys (Qwen3, Gemma 3, OLMo 2)
+    stream            its output is the stream itself (BERT-style post-LN): a post-norm model
+    other             none of these
 """
 
 from __future__ import annotations
 
-import bisect
-import math
 import re
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
 from . import match
+from .linear import LINEAR_OPS, Linear, as_linear, linear_producing
 from .norms import Norm, find_norms
+from .stream import Chain, adder_of, trace
+from .sublayers import attention_parts, mlp_inputs, value_source
 
-LINEAR_OPS = {"MatMul", "Gemm"}
-WEIGHT_PATH_OPS = {"Identity", "Cast", "Transpose"}
-LAYOUT_OPS = match.ROW_NOOPS | {"Transpose"}
-BIAS_ACTIVATIONS = {"FastGelu", "BiasGelu"}  # onnxruntime ops computing act(x + bias)
-
-
-# -- linear maps -------------------------------------------------------------------------
-@dataclass(eq=False)
-class Linear:
-    """y = x @ W + c with W constant; W read as [in, out] whatever the node stores."""
-
-    node: ir.Node
-    source: ir.Value  # the constant the weight comes from
-    path: list[ir.Node]  # no-op nodes between `source` and the node (Transpose, Cast)
-    transposed: bool  # the node sees W as [out, in] (Gemm transB=1)
-    d_in: int
-    d_out: int
-    bias: tuple[ir.Node, int] | None = None
-    layer: int | None = None
-
-    @property
-    def name(self) -> str:
-        return self.node.name or self.node.outputs[0].name
-
-    @property
-    def out(self) -> ir.Value:
-        """The output after the bias."""
-        if self.bias is not None and self.bias[0] is not self.node:
-            return self.bias[0].outputs[0]
-        return self.node.outputs[0]
-
-
-def as_linear(node: ir.Node) -> Linear | str:
-    """Read `node` as a linear map of its input 0, or say why it is not one."""
-    if node.op_type not in LINEAR_OPS or node.domain != "":
-        return f"{node.op_type} is not a linear map"
-    if node.op_type == "Gemm":
-        if match.attr(node, "transA", 0) != 0:
-            return "Gemm with transA=1"
-        if match.attr(node, "alpha", 1.0) != 1.0 or match.attr(node, "beta", 1.0) != 1.0:
-            return "Gemm with alpha or beta other than 1"
-    source, path = match.back(node.inputs[1], WEIGHT_PATH_OPS)
-    shape = match.const_shape(source)
-    if shape is None:
-        return "weight is not a constant"
-    if len(shape) != 2:
-        return f"weight has {len(shape)} dimensions"
-    for p in path:
-        if p.op_type == "Transpose" and list(match.attr(p, "perm", [1, 0])) != [1, 0]:
-            return "weight transpose is not a 2-D transpose"
-    flips = sum(p.op_type == "Transpose" for p in path)
-    transposed = node.op_type == "Gemm" and match.attr(node, "transB", 0) == 1
-    if (flips % 2 == 1) != transposed:
-        d_in, d_out = shape[1], shape[0]
-    else:
-        d_in, d_out = shape[0], shape[1]
-    lin = Linear(node, source, path, transposed, int(d_in), int(d_out))
-    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        c = match.const_shape(node.inputs[2])
-        if c is None or math.prod(c) not in (1, d_out):
-            return "Gemm bias is not a constant vector"
-        lin.bias = (node, 2)
-    elif node.op_type == "MatMul":
-        use = match.single_use(node.outputs[0])
-        if use is not None and use[0].op_type == "Add":
-            add, idx = use
-            c = match.const_shape(match.other_input(add, idx))
-            if c is not None and math.prod(c) == d_out and c[-1] == d_out:
-                lin.bias = (add, 1 - idx)
-        elif use is not None and use[0].op_type in BIAS_ACTIVATIONS and use[1] == 0:
-            c = match.const_shape(use[0].inputs[1]) if len(use[0].inputs) > 1 else None
-            if c is not None and math.prod(c) == d_out:
-                lin.bias = (use[0], 1)  # onnxruntime moved the bias into the activation
-    return lin
-
-
-def linear_producing(value: ir.Value) -> Linear | None:
-    """The linear map whose output (after its bias) is `value`."""
-    node = value.producer()
-    if node is None:
-        return None
-    if node.op_type == "Add":
-        for idx in (0, 1):
-            inner = node.inputs[idx].producer() if node.inputs[idx] is not None else None
-            if inner is not None and inner.op_type == "MatMul":
-                lin = as_linear(inner)
-                if isinstance(lin, Linear) and lin.bias is not None and lin.bias[0] is node:
-                    return lin
-        return None
-    lin = as_linear(node) if node.op_type in LINEAR_OPS else None
-    return lin if isinstance(lin, Linear) and lin.out is value else None
+ROLE_REASONS = {
+    "sublayer_output": "sublayer-output norm: it normalises a sublayer's output before the residual Add, "
+                       "so no linear map reads it (kept as it is)",
+    "head": "head norm: it normalises queries or keys inside attention (kept as it is, as TransformerLens keeps it)",
+    "stream": "post-norm: its output is the residual stream itself",
+}
+FOLDABLE_ROLES = ("reader", "final")
+ATTENTION_SEARCH_LIMIT = 48  # nodes visited forward from a head norm looking for its Softmax
 
 
 # -- residual stream -----------------------------------------------------------------
@@ -116,15 +44,18 @@ def linear_producing(value: ir.Value) -> Linear | None:
 class Writer:
     """One term added into the residual stream."""
 
-    kind: str  # "embed" (a table Gather) | "linear" | "bias" (a constant added on its own)
-    role: str  # "embed" | "pos_embed" | "attn_out" | "mlp_out" | "bias"
+    kind: str  # "embed" (a table Gather) | "linear" | "bias" (a constant added on its own) | "other"
+    role: str  # "embed" | "pos_embed" | "attn_out" | "mlp_out" | "bias" | "other"
     name: str
-    node: ir.Node  # the Gather, the linear node, or the Add holding the constant
+    node: ir.Node | None  # the Gather, the linear node, or the node holding the constant
     idx: int  # the input of `node` holding the table / constant
     linear: Linear | None = None
     layer: int | None = None
     blocker: str | None = None
-    step: int | None = None  # which stream tensor it is added into (same step: parallel block)
+    step: int | None = None  # which sum of the stream it enters (-1: where the stream starts)
+    value: ir.Value | None = None  # the term as the stream's sum reads it
+    norm: Norm | None = None  # a sublayer-output norm between the linear map and the stream
+    why: str | None = None  # for role "other": why it is neither attention nor MLP
 
 
 @dataclass(eq=False)
@@ -141,24 +72,51 @@ class Attention:
     pv: ir.Node  # the probabilities @ values MatMul
     n_groups: int = 1  # query heads per value head, where q/k/v are separate maps
     blocker: str | None = None
+    softmax: ir.Node | None = None
+
+
+@dataclass(eq=False)
+class Layer:
+    """One transformer block, as the residual stream shows it."""
+
+    index: int
+    pre: ir.Value | None  # the stream the block starts from
+    post: ir.Value | None = None  # the stream after it
+    mid: ir.Value | None = None  # between attention and MLP (sequential blocks only)
+    attn: Writer | None = None
+    mlp: Writer | None = None
+    ln1: Norm | None = None  # the norm between the stream and attention (None: attention reads it directly)
+    ln2: Norm | None = None  # the same for the MLP
+    parallel: bool = False  # attention and MLP read the same stream tensor
 
 
 @dataclass
 class Anatomy:
     norms: list[Norm]
-    stream: list[ir.Value] = field(default_factory=list)
+    stream: list[ir.Value] = field(default_factory=list)  # the stream tensors in order
     writers: list[Writer] = field(default_factory=list)
     stream_blocker: str | None = None
     unembed: Linear | None = None
     unembed_blocker: str | None = None
+    unembed_nonlinear: str | None = None  # why the logits are not linear in the unembedding's output
     final_norm: Norm | None = None
-    post_norm: bool = False  # a norm's output is a term of the residual stream (BERT, OPT-350m)
+    post_norm: bool = False  # the stream passes through a norm (BERT, OPT-350m)
     attention: list[Attention] = field(default_factory=list)
+    layers: list[Layer] = field(default_factory=list)
+    layers_blocker: str | None = None
     notes: list[str] = field(default_factory=list)
+    chain: Chain | None = None
 
     @property
     def d_model(self) -> int | None:
-        return self.norms[0].d_model if self.norms else None
+        if self.unembed is not None:
+            return self.unembed.d_in
+        readers = [n for n in self.norms if n.role in FOLDABLE_ROLES] or self.norms
+        return readers[0].d_model if readers else None
+
+    @property
+    def stream_readers(self) -> list[Norm]:
+        return [n for n in self.norms if n.role in FOLDABLE_ROLES]
 
 
 def analyse(graph: ir.Graph) -> Anatomy:
@@ -169,9 +127,12 @@ def analyse(graph: ir.Graph) -> Anatomy:
         norm.readers, norm.blocker = _readers(norm)
     anatomy = Anatomy(norms=norms)
     _find_unembed(graph, anatomy)
-    _find_stream(anatomy, order)
+    chain = trace(graph, norms, anatomy.unembed.d_out if anatomy.unembed else None)
+    anatomy.chain = chain
+    _find_stream(anatomy, chain)
+    _assign_roles(anatomy, chain)
     _find_attention(anatomy)
-    _number_layers(anatomy, order)
+    _find_layers(anatomy, chain)
     return anatomy
 
 
@@ -201,224 +162,356 @@ def _readers(norm: Norm) -> tuple[list[Linear], str | None]:
     return readers, None
 
 
+# -- unembedding ---------------------------------------------------------------------
 def _find_unembed(graph: ir.Graph, anatomy: Anatomy) -> None:
     outputs = [v for v in graph.outputs if v.name == "logits"] or list(graph.outputs[:1])
     if not outputs:
         anatomy.unembed_blocker = "graph has no output"
         return
     value, _ = match.back(outputs[0])
+    capped = _softcap(value)
+    if capped is not None:
+        value, cap, _ = capped
+        anatomy.unembed_nonlinear = (f"the logits are soft-capped ({cap:g} * tanh(z / {cap:g})) after the unembedding, "
+                                     "so a constant shift of z is not a constant shift of the logits")
     lin = linear_producing(value)
     if lin is None:
         node = value.producer()
         what = f"{node.op_type} {node.name}" if node is not None else "a graph input"
         anatomy.unembed_blocker = f"logits come from {what}, not a linear map"
         return
-    uses, _ = match.forward(lin.out)
-    if uses:
-        anatomy.unembed_blocker = f"unembedding output also feeds {uses[0][0].op_type} {uses[0][0].name}"
+    others = [node for node, _, _ in match.forward(lin.out)[0] if capped is None or node is not capped[2]]
+    if others:
+        anatomy.unembed_blocker = f"unembedding output also feeds {others[0].op_type} {others[0].name}"
         return
     anatomy.unembed = lin
     source, _ = match.back(lin.node.inputs[0])
     anatomy.final_norm = next((n for n in anatomy.norms if n.output is source), None)
 
 
-def _find_stream(anatomy: Anatomy, order: dict) -> None:
-    """Split each norm's input into the terms summed into it.
-
-    Stream tensors are the norm inputs. Each is a tree of Adds whose leaves are either
-    an earlier stream tensor or a term: a linear map's output, an embedding Gather, or
-    a constant. Centring those terms is exact only when every reader of every stream
-    tensor is a centring LayerNorm; anything else blocks it, with the reason.
-    """
-    norms = anatomy.norms
-    if not norms:
-        return
-    roots: dict[int, ir.Value] = {}
-    sums: dict[int, ir.Value] = {}  # every value that is (a copy of) a partial stream sum
-    fused = {id(n.nodes[0]): n for n in norms if n.terms}  # Skip*Normalization: sum and norm in one
-    for norm in norms:
-        if norm.input is None:
+def _softcap(value: ir.Value):
+    """Gemma 2's logit cap, cap * tanh(z / cap): (z, cap, the node reading z) or None."""
+    mul = value.producer()
+    if mul is None or mul.op_type != "Mul" or len(mul.inputs) != 2:
+        return None
+    for idx in (0, 1):
+        cap = match.const_value(mul.inputs[1 - idx])
+        tanh = match.back(mul.inputs[idx], match.VALUE_NOOPS)[0].producer() if mul.inputs[idx] is not None else None
+        if cap is None or cap.size != 1 or tanh is None or tanh.op_type != "Tanh":
             continue
-        root, passed = match.back(norm.input)
-        roots.setdefault(id(root), root)
-        for v in [norm.input] + [p.inputs[0] for p in passed]:
-            sums[id(v)] = v  # copies of the stream on the way to the norm (Cast, 2-D Reshape)
-    anatomy.stream = sorted(roots.values(), key=lambda v: order.get(id(v.producer()), -1))
-    leaves: list[ir.Value] = []
-    fused_biases: list[Writer] = []
-    norm_outputs = {id(n.output) for n in norms}
+        inner = match.back(tanh.inputs[0], match.VALUE_NOOPS)[0].producer()
+        if inner is None or inner.op_type not in ("Div", "Mul") or len(inner.inputs) != 2:
+            continue
+        factor = match.const_value(inner.inputs[1])
+        if factor is None or factor.size != 1:
+            continue
+        c, f = float(cap.reshape(-1)[0]), float(factor.reshape(-1)[0])
+        if f == 0 or abs((f if inner.op_type == "Div" else 1.0 / f) - c) > 1e-6 * abs(c):
+            continue
+        return match.back(inner.inputs[0])[0], c, inner
+    return None
 
-    def walk(value: ir.Value, root: ir.Value | None) -> None:
-        source, passed = match.back(value)
-        chain = [value] + [p.inputs[0] for p in passed]
-        for v in chain:
-            sums[id(v)] = v
-        if source is not root and id(source) in roots:
-            return
-        node = source.producer()
-        if node is not None and id(node) in fused and source is fused[id(node)].input:
-            expand(fused[id(node)], root)
-            return
-        is_sum = node is not None and node.op_type == "Add" and node.domain == "" and len(node.inputs) == 2
-        if is_sum and id(source) not in norm_outputs:  # a decomposed norm ends in its bias Add
-            walk(node.inputs[0], root)
-            walk(node.inputs[1], root)
-        else:
-            leaves.append(value)
-            step[id(value)] = len(done)
 
-    def expand(norm, root) -> None:
-        """The addends of a fused residual sum, and its constant."""
-        for term in norm.terms:
-            walk(term, root)
-        if norm.sum_bias is not None:
-            node, idx = norm.sum_bias
-            fused_biases.append(Writer("bias", "bias", node.inputs[idx].name, node, idx, step=len(done)))
+# -- residual stream -----------------------------------------------------------------
+def _find_stream(anatomy: Anatomy, chain: Chain) -> None:
+    """The stream tensors and the terms written into them.
 
-    step: dict[int, int] = {}  # leaf -> index of the stream tensor it is first added into
-    done: list = []
-    for root in anatomy.stream:
-        walk(root, root)
-        done.append(root)
-    for norm in norms:
-        if norm.terms and norm.input is None:  # a fused sum read by nothing else (the last one)
-            expand(norm, None)
-            done.append(norm)
-    anatomy.post_norm = any(id(match.back(leaf)[0]) in norm_outputs for leaf in leaves)
+    Centring the terms is exact only when every reader of every stream tensor is a
+    centring LayerNorm; anything else blocks it, with the reason.
+    """
+    if chain.blocker and not chain.steps:
+        anatomy.stream_blocker = chain.blocker
+        return
+    anatomy.stream = [chain.base] + [s.after for s in chain.steps if s.after is not None]
+    anatomy.post_norm = bool(chain.stream_norms)
+    d_model = anatomy.d_model
+    norm_of_output = {id(n.output): n for n in anatomy.norms}
+    base = _embedding(chain.token, chain.base, "embed", d_model)
+    base.step = -1
+    writers = [base]
+    for k, step in enumerate(chain.steps):
+        for term in step.terms:
+            writer = _writer(term, step, d_model, chain, norm_of_output)
+            writer.step = k
+            writers.append(writer)
+    anatomy.writers = writers
 
-    blockers = []
-    centring_entries = {id(n) for norm in norms if norm.centring for n in norm.entry_nodes}
-    for norm in norms:
-        if not norm.centring:
-            blockers.append(f"{norm.kind} {norm.name} reads the stream and does not remove its mean")
-    for v in sums.values():
+    blockers = [chain.blocker] if chain.blocker else []
+    if chain.stream_norms:
+        blockers.append(f"post-norm: the stream passes through {chain.stream_norms[0].name}")
+    chain_nodes = {id(s.node) for s in chain.steps}
+    entries = {}  # entry node -> its norm, for the norms reading the stream
+    for norm in anatomy.norms:
+        for node in norm.entry_nodes:
+            entries[id(node)] = norm
+    for v in chain.values.values():
         if v.is_graph_output():
             blockers.append(f"stream tensor {v.name} is a graph output")
         for node, _ in match.value_uses(v):
-            if id(node) in centring_entries or any(id(o) in sums for o in node.outputs):
+            if id(node) in chain_nodes or any(id(o) in chain.values for o in node.outputs):
                 continue
-            blockers.append(f"stream tensor {v.name} also feeds {node.op_type} {node.name}")
+            norm = entries.get(id(node))
+            if norm is None:
+                blockers.append(f"stream tensor {v.name} also feeds {node.op_type} {node.name}")
+            elif not norm.centring:
+                blockers.append(f"{norm.kind} {norm.name} reads the stream and does not remove its mean")
+    for step in chain.steps:
+        if step.fused is not None and not step.fused.centring:
+            blockers.append(f"{step.fused.kind} {step.fused.name} reads the stream and does not remove its mean")
+    blockers.sort(key=lambda b: "does not remove its mean" not in b)  # the family's reason first
     anatomy.stream_blocker = blockers[0] if blockers else None
 
-    linear_biases = set()
-    for leaf in leaves:
-        writer = _writer(leaf, anatomy.d_model, sums)
-        if writer is None:
-            continue
-        writer.step = step.get(id(leaf))
-        if writer.linear is not None and writer.linear.bias is not None:
-            linear_biases.add(id(writer.linear.bias[0]))
-        anatomy.writers.append(writer)
-    anatomy.writers = [
-        w for w in anatomy.writers if not (w.kind == "bias" and id(w.node) in linear_biases)
-    ] + fused_biases
-    for w in anatomy.writers:
-        if w.blocker and not anatomy.stream_blocker and w.kind == "other":
-            anatomy.stream_blocker = w.blocker
+
+def _embedding(gather: ir.Node, value: ir.Value, role: str, d_model: int | None) -> Writer:
+    table, _ = match.back(gather.inputs[0], {"Identity"})
+    writer = Writer("embed", role, table.name or gather.name, gather, 0, value=value)
+    shape = match.const_shape(table)
+    if d_model is not None and shape is not None and shape[1] != d_model:
+        writer.blocker = f"table has {shape[1]} columns, not d_model={d_model}"
+    return writer
 
 
-def _writer(leaf: ir.Value, d_model: int | None, sums: dict) -> Writer | None:
-    source, passed = match.back(leaf)
-    exclusive = all(
-        len(match.value_uses(v)) == 1 and not v.is_graph_output()
-        for v in [source] + [p.outputs[0] for p in passed]
-        if id(v) not in sums
-    )
+def _writer(term: ir.Value, step, d_model: int | None, chain: Chain, norm_of_output: dict) -> Writer:
+    source, passed = match.back(term)
     node = source.producer()
-    add_use = [(n, i) for n, i in match.value_uses(leaf) if id(n.outputs[0]) in sums]
     if match.is_const(source):
-        if not add_use:
-            return None
-        add, idx = add_use[0]
-        return Writer("bias", "bias", source.name, add, idx)
+        holder = adder_of(term, step) or (step.node, 0)
+        return Writer("bias", "bias", source.name, holder[0], holder[1], value=term)
     if node is None:
-        return Writer("other", "other", source.name, add_use[0][0] if add_use else None, 0,
+        return Writer("other", "other", source.name, None, 0, value=term,
                       blocker=f"stream term {source.name} is a graph input, not a constant table")
-    writer = None
-    if node.op_type == "Mul" and len(node.inputs) == 2:
-        for idx in (0, 1):
-            factor = match.const_value(node.inputs[1 - idx])
-            inner = match.back(node.inputs[idx])[0].producer() if node.inputs[idx] is not None else None
-            if factor is not None and factor.size == 1 and inner is not None and inner.op_type == "Gather":
-                node = inner  # a scaled embedding: centring commutes with the scalar
-                break
-    if node.op_type in LINEAR_OPS:
-        lin = as_linear(node)
-        if isinstance(lin, Linear):
-            lin.layer = layer_of(node)
-            writer = Writer("linear", "mlp_out", lin.name, node, 1, linear=lin, layer=lin.layer)
-            if d_model is not None and lin.d_out != d_model:
-                writer.blocker = f"writes {lin.d_out} features, not d_model={d_model}"
-    elif node.op_type == "Gather" and match.attr(node, "axis", 0) == 0:
-        table, _ = match.back(node.inputs[0], {"Identity"})
-        shape = match.const_shape(table)
-        if shape is not None and len(shape) == 2:
-            ids, _ = match.back(node.inputs[1], match.ROW_NOOPS | {"Unsqueeze"})
-            role = "embed" if ids.is_graph_input() else "pos_embed"
-            writer = Writer("embed", role, table.name or node.name, node, 0, layer=None)
-            if d_model is not None and shape[1] != d_model:
-                writer.blocker = f"table has {shape[1]} columns, not d_model={d_model}"
-    if writer is None:
-        return Writer("other", "other", node.name, node, 0,
-                      blocker=f"stream term from {node.op_type} {node.name} is not a linear writer")
+    exclusive = all(len(match.value_uses(v)) == 1 and not v.is_graph_output()
+                    for v in [source] + [p.outputs[0] for p in passed] if id(v) not in chain.values)
+    norm = norm_of_output.get(id(source))
+    if norm is not None:  # a sublayer-output norm: the term is the norm of a sublayer's output
+        inner, _ = match.back(norm.input) if norm.input is not None else (None, [])
+        lin = linear_producing(inner) if inner is not None else None
+        if lin is None:
+            return Writer("other", "other", norm.name, node, 0, value=term, norm=norm,
+                          blocker=f"stream term from norm {norm.name}, which does not normalise a linear map's output")
+        writer = _linear_writer(lin, term, d_model)
+        writer.norm = norm
+        writer.blocker = (f"it is written through sublayer-output norm {norm.name}, which sees its mean: "
+                          "centring it would change what the norm computes")
+        return writer
+    if node.op_type == "Gather" and match.attr(node, "axis", 0) == 0 and len(match.const_shape(
+            match.back(node.inputs[0], {"Identity"})[0]) or ()) == 2:
+        ids, _ = match.back(node.inputs[1], match.ROW_NOOPS)
+        positions = not ids.is_graph_input() or "position" in ids.name.lower()
+        writer = _embedding(node, term, "pos_embed" if positions else "other", d_model)
+        if not positions:
+            writer.why = f"table read at graph input {ids.name}, neither tokens nor positions"
+    else:
+        lin = linear_producing(source)
+        if lin is None:
+            return Writer("other", "other", node.name, node, 0, value=term,
+                          blocker=f"stream term from {node.op_type} {node.name} is not a linear writer")
+        writer = _linear_writer(lin, term, d_model)
     if not exclusive and writer.blocker is None:
         writer.blocker = "its output is also read outside the residual stream"
     return writer
 
 
+def _linear_writer(lin: Linear, term: ir.Value, d_model: int | None) -> Writer:
+    lin.layer = layer_of(lin.node)
+    parts = attention_parts(lin)
+    if not isinstance(parts, str):
+        role, why = "attn_out", None
+    else:
+        hidden = mlp_inputs(lin)
+        role, why = ("mlp_out", None) if not isinstance(hidden, str) else ("other", f"{parts}; {hidden}")
+    writer = Writer("linear", role, lin.name, lin.node, 1, linear=lin, layer=lin.layer, value=term, why=why)
+    if d_model is not None and lin.d_out != d_model:
+        writer.blocker = f"writes {lin.d_out} features, not d_model={d_model}"
+    return writer
+
+
+# -- norm roles ----------------------------------------------------------------------
+def _assign_roles(anatomy: Anatomy, chain: Chain) -> None:
+    stream = chain.values
+    terms = {id(match.back(w.value)[0]) for w in anatomy.writers if w.value is not None}
+    fused = {id(s.fused) for s in chain.steps if s.fused is not None}
+    stream_norms = {id(n) for n in chain.stream_norms}
+    for norm in anatomy.norms:
+        if id(norm) in stream_norms:
+            norm.role = "stream"
+        elif id(norm) in fused or (norm.input is not None and id(match.back(norm.input)[0]) in stream):
+            norm.role = "reader"
+        elif id(norm.output) in terms:
+            norm.role = "sublayer_output"
+        elif _softmax_after(norm) is not None:
+            norm.role = "head"
+        elif not stream and norm.blocker is None:
+            norm.role = "reader"  # no stream traced: a norm read by linear maps only is still foldable
+        else:
+            norm.role = "other"
+        if norm is anatomy.final_norm and norm.role == "reader":
+            norm.role = "final"
+        if norm.role in ROLE_REASONS:
+            norm.blocker = ROLE_REASONS[norm.role]
+        elif norm.role not in FOLDABLE_ROLES and norm.blocker is None:
+            norm.blocker = "it does not read the residual stream"
+
+
+def _softmax_after(norm: Norm) -> ir.Node | None:
+    """The attention Softmax a head norm's output reaches, before any linear map."""
+    if norm.input is None or linear_producing(match.back(norm.input, match.LAYOUT_OPS)[0]) is None:
+        return None
+    todo, seen = [norm.output], set()
+    while todo and len(seen) < ATTENTION_SEARCH_LIMIT:
+        value = todo.pop(0)
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        for node, _ in match.value_uses(value):
+            if node.op_type == "Softmax":
+                return node
+            if node.op_type in LINEAR_OPS and as_linear(node) is not None and not isinstance(as_linear(node), str):
+                continue
+            todo += list(node.outputs)
+    return None
+
+
+# -- attention and layers ------------------------------------------------------------
 def _find_attention(anatomy: Anatomy) -> None:
     """Attention blocks: a linear writer fed by softmax(...) @ V with V from a linear map."""
     for writer in anatomy.writers:
-        if writer.kind != "linear":
+        if writer.role != "attn_out":
             continue
         o = writer.linear
-        x, _ = match.back(o.node.inputs[0], LAYOUT_OPS)
-        pv = x.producer()
-        if pv is None or pv.op_type != "MatMul" or match.is_const(pv.inputs[1]):
+        softmax, pv = attention_parts(o)
+        path = value_source(pv)
+        if isinstance(path, str):
+            anatomy.notes.append(f"attention {o.name}: {path}")
             continue
-        probs, _ = match.back(pv.inputs[0], match.VALUE_NOOPS)
-        if probs.producer() is None or probs.producer().op_type != "Softmax":
-            continue
-        writer.role = "attn_out"
-        att = _value_source(pv, o)
-        if isinstance(att, Attention):
-            anatomy.attention.append(att)
+        lin = path.v
+        lin.layer = layer_of(lin.node)
+        groups = o.d_in // lin.d_out if lin.d_out < o.d_in and o.d_in % lin.d_out == 0 else 1
+        anatomy.attention.append(Attention(layer=o.layer, v=lin, o=o, pv=pv, n_groups=groups, softmax=softmax))
+
+
+def _find_layers(anatomy: Anatomy, chain: Chain) -> None:
+    """Blocks from the order of the stream's sums: an attention step starts a block, the MLP
+    step after it (or the same step: a parallel block) ends it."""
+    if not chain.steps or chain.blocker:
+        anatomy.layers_blocker = chain.blocker or "no residual stream was traced"
+        return
+    if chain.stream_norms:
+        anatomy.layers_blocker = (f"post-norm model (the stream passes through {chain.stream_norms[0].name}): "
+                                  "TransformerLens's hook points assume norms that read the stream")
+        return
+    before = [chain.base] + [s.after for s in chain.steps]  # stream tensor k comes before sum k
+    position = {id(match.back(v)[0]): k for k, v in enumerate(before) if v is not None}
+    by_o = {id(a.o.node): a for a in anatomy.attention}
+
+    def reads(writer: Writer):
+        """(stream position, norm in between) that a sublayer reads, or a reason."""
+        if writer.role == "attn_out":
+            att = by_o.get(id(writer.linear.node))
+            if att is None:
+                return "its values are not traced to a linear map"
+            sources = [att.v]
         else:
-            anatomy.notes.append(f"attention {o.name}: {att}")
+            sources = mlp_inputs(writer.linear)
+        found = set()
+        for lin in sources:
+            x, _ = match.back(lin.node.inputs[0])
+            norm = next((n for n in anatomy.norms if n.output is x and n.role in FOLDABLE_ROLES), None)
+            if norm is None:
+                at = position.get(id(x))
+            elif norm.input is None:  # a fused sum read by nothing else: the norm computes it itself
+                at = next((k + 1 for k, s in enumerate(chain.steps) if s.fused is norm), None)
+            else:
+                at = position.get(id(match.back(norm.input)[0]))
+            if at is None:
+                return f"{lin.name} does not read the residual stream"
+            found.add((at, norm))
+        if len({at for at, _ in found}) != 1 or len(found) != 1:
+            return "its input maps read different stream tensors or norms"
+        return found.pop()
+
+    layers: list[Layer] = []
+    current: Layer | None = None
+    for k, step in enumerate(chain.steps):
+        terms = [w for w in anatomy.writers if w.step == k and w.kind != "bias"]
+        for writer in sorted(terms, key=lambda w: w.role != "attn_out"):
+            if writer.role not in ("attn_out", "mlp_out"):
+                if not layers and current is None and writer.kind == "embed":
+                    continue  # the embedding sum, before the first block
+                anatomy.layers_blocker = (f"stream term {writer.name} (sum {k}) is neither attention nor MLP"
+                                          + (f" ({writer.why})" if writer.why else ""))
+                return
+            found = reads(writer)
+            if isinstance(found, str):
+                anatomy.layers_blocker = f"{writer.role.split('_')[0]} {writer.name}: {found}"
+                return
+            at, norm = found
+            if writer.role == "attn_out":
+                if current is not None:
+                    layers.append(current)
+                if at != k:
+                    anatomy.layers_blocker = (f"attention {writer.name} reads stream tensor {at} "
+                                              f"but is added at sum {k}")
+                    return
+                current = Layer(len(layers), pre=before[k], post=step.after, attn=writer, ln1=norm)
+                continue
+            if current is None or current.mlp is not None:
+                anatomy.layers_blocker = f"MLP {writer.name} (sum {k}) follows no attention block"
+                return
+            if at == position.get(id(match.back(current.pre)[0])):
+                current.parallel = True
+            elif at == k and current.post is before[k]:
+                current.mid = before[k]
+            else:
+                anatomy.layers_blocker = (f"MLP {writer.name} reads stream tensor {at}, neither the block's "
+                                          "input nor the sum after its attention")
+                return
+            current.mlp, current.ln2, current.post = writer, norm, step.after
+            layers.append(current)
+            current = None
+    if current is not None:
+        layers.append(current)
+    if not layers:
+        anatomy.layers_blocker = "no attention block adds into the residual stream"
+        return
+    for layer in layers:
+        named = {layer_of(w.node) for w in (layer.attn, layer.mlp) if w is not None} - {None}
+        if named and named != {layer.index}:
+            anatomy.layers_blocker = (f"block {layer.index} of the residual stream is named layer "
+                                      f"{sorted(named)} in the graph: the structure is not what it seems")
+            return
+    anatomy.layers = layers
+    _number(anatomy)
 
 
-VALUE_PATH_OPS = LAYOUT_OPS | {"Expand", "Slice", "Split"}
+def _number(anatomy: Anatomy) -> None:
+    """Give every writer, norm and attention block the index of the block it belongs to."""
+    by_o = {id(a.o.node): a for a in anatomy.attention}
+    heads: dict[int, list[Norm]] = {}
+    for norm in anatomy.norms:
+        if norm.role == "head":
+            heads.setdefault(id(_softmax_after(norm)), []).append(norm)
+    for layer in anatomy.layers:
+        for writer in (layer.attn, layer.mlp):
+            if writer is None:
+                continue
+            writer.layer = writer.linear.layer = layer.index
+            if writer.norm is not None:
+                writer.norm.layer = layer.index
+        for norm in (layer.ln1, layer.ln2):
+            if norm is not None:
+                norm.layer = layer.index
+                for r in norm.readers:
+                    r.layer = layer.index
+        att = by_o.get(id(layer.attn.linear.node)) if layer.attn is not None else None
+        if att is not None:
+            att.layer = att.v.layer = layer.index
+            for norm in heads.get(id(att.softmax), []):
+                norm.layer = layer.index
+    if anatomy.final_norm is not None:
+        anatomy.final_norm.layer = None
 
 
-def _value_source(pv: ir.Node, o: Linear) -> Attention | str:
-    """Walk from the attention product back to the linear map that makes the values."""
-    v, passed = match.back(pv.inputs[1], VALUE_PATH_OPS)
-    node = v.producer()
-    while node is not None and node.op_type == "Concat":  # a KV cache: past values ++ new values
-        live = [i for i in node.inputs if i is not None and not match.back(i)[0].is_graph_input()]
-        if len(live) != 1:
-            break
-        passed.append(node)
-        v, more = match.back(live[0], VALUE_PATH_OPS)
-        passed += more
-        node = v.producer()
-    lin = linear_producing(v)
-    if lin is None:
-        node = v.producer()
-        return f"values come from {node.op_type if node else 'a graph input'}, not a linear map"
-    # Everything between the values' own slice and the product must serve only this product
-    # (a KV-cache output may also read it).
-    for node in passed:
-        if node.op_type in ("Slice", "Split"):
-            break
-        if any(n is not pv and n not in passed for n, _ in match.value_uses(node.outputs[0])):
-            return f"values at {node.name} are also read outside the attention product"
-    lin.layer = layer_of(lin.node)
-    groups = o.d_in // lin.d_out if lin.d_out < o.d_in and o.d_in % lin.d_out == 0 else 1
-    return Attention(layer=o.layer, v=lin, o=o, pv=pv, n_groups=groups)
-
-
-# -- layers --------------------------------------------------------------------------
 _LAYER = re.compile(r"(?:^|[./_])(?:h|layers|layer|blocks|block|decoder_layers)[._](\d+)(?:[./_]|$)")
 
 
@@ -429,39 +522,6 @@ def layer_of(node: ir.Node) -> int | None:
         if found:
             return int(found[-1])
     return None
-
-
-def _number_layers(anatomy: Anatomy, order: dict) -> None:
-    """Where names and metadata give no layer, number the blocks by graph order.
-
-    Attention blocks are numbered in order; a norm read by an attention block's value map
-    gets that block's layer; any other norm or writer belongs to the last attention block
-    before it (its MLP half). The final norm has no layer.
-    """
-    named = [n.layer for n in anatomy.norms if n is not anatomy.final_norm] + [a.layer for a in anatomy.attention]
-    if all(layer is not None for layer in named):
-        return
-    blocks = sorted(anatomy.attention, key=lambda a: order[id(a.o.node)])
-    starts = [order[id(a.o.node)] for a in blocks]
-    for i, att in enumerate(blocks):
-        att.layer = att.o.layer = att.v.layer = i
-
-    def after_attention(node) -> int:
-        return max(bisect.bisect_left(starts, order[id(node)]) - 1, 0)
-
-    by_v = {id(a.v.node): a.layer for a in blocks}
-    for norm in anatomy.norms:
-        if norm is anatomy.final_norm:
-            norm.layer = None
-            continue
-        layers = [by_v[id(r.node)] for r in norm.readers if id(r.node) in by_v]
-        norm.layer = layers[0] if layers else after_attention(norm.nodes[0])
-        for r in norm.readers:
-            r.layer = norm.layer
-    for writer in anatomy.writers:
-        if writer.kind == "linear":
-            att = next((a for a in blocks if a.o is writer.linear or a.o.node is writer.node), None)
-            writer.layer = writer.linear.layer = att.layer if att else after_attention(writer.node)
 
 
 def nothing_to_rewrite(anatomy: Anatomy) -> str | None:
@@ -475,8 +535,12 @@ def nothing_to_rewrite(anatomy: Anatomy) -> str | None:
         return "no LayerNorm or RMSNorm found"
     if any(n.terms for n in anatomy.norms):
         return None  # onnxruntime fused the residual sums into the norms
-    for value in anatomy.stream:
-        node = match.back(value)[0].producer()
+    if any(w.kind == "linear" for w in anatomy.writers):
+        return None  # a linear map writes into a traced residual stream
+    for norm in anatomy.norms:
+        if norm.input is None:
+            continue
+        node = match.back(norm.input)[0].producer()
         if node is not None and node.op_type == "Add" and not any(match.is_const(v) for v in node.inputs):
             return None
     return "no residual stream (no norm reads a sum of computed terms)"

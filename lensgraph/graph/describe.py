@@ -20,6 +20,7 @@ def describe(model: LensModel, anatomy: Anatomy | None = None) -> dict:
             {
                 "name": n.name,
                 "layer": n.layer,
+                "role": n.role,
                 "kind": n.kind,
                 "form": n.form,
                 "d_model": n.d_model,
@@ -28,10 +29,14 @@ def describe(model: LensModel, anatomy: Anatomy | None = None) -> dict:
             }
             for n in a.norms
         ],
-        "norm_kinds": dict(Counter(f"{n.kind} ({n.form})" for n in a.norms)),
+        "norm_kinds": dict(Counter(f"{n.kind} ({n.form})" for n in a.stream_readers)),
+        "norm_roles": dict(Counter(n.role for n in a.norms)),
         "writers": [
-            {"role": w.role, "name": w.name, "layer": w.layer, "skipped": w.blocker} for w in a.writers
+            {"role": w.role, "name": w.name, "layer": w.layer, "skipped": w.blocker,
+             "through_norm": w.norm.name if w.norm is not None else None} for w in a.writers
         ],
+        "layers": len(a.layers),
+        "layers_skipped": a.layers_blocker,
         "stream_tensors": len(a.stream),
         "stream_skipped": a.stream_blocker,
         "unembed": (
@@ -40,6 +45,7 @@ def describe(model: LensModel, anatomy: Anatomy | None = None) -> dict:
             if a.unembed else None
         ),
         "unembed_skipped": a.unembed_blocker,
+        "unembed_nonlinear": a.unembed_nonlinear,
         "attention": [
             {"layer": t.layer, "v": t.v.name, "o": t.o.name,
              "query_heads_per_value_head": t.n_groups, "skipped": t.blocker}
@@ -51,14 +57,13 @@ def describe(model: LensModel, anatomy: Anatomy | None = None) -> dict:
 
 def traits(a: Anatomy) -> dict:
     """The family traits that decide what can be rewritten."""
-    roles_by_step: dict = {}
-    for w in a.writers:
-        roles_by_step.setdefault(w.step, set()).add(w.role)
-    parallel = any({"attn_out", "mlp_out"} <= roles for roles in roles_by_step.values())
+    parallel = any(layer.parallel for layer in a.layers)
     groups = sorted({t.n_groups for t in a.attention})
     return {
-        "layers": len(a.attention),
-        "norms": sorted({f"{n.kind} ({n.form})" for n in a.norms}),
+        "layers": len(a.layers),
+        "sublayer_output_norms": any(n.role == "sublayer_output" for n in a.norms),
+        "head_norms": any(n.role == "head" for n in a.norms),
+        "norms": sorted({f"{n.kind} ({n.form})" for n in a.stream_readers or a.norms}),
         "post_norm": a.post_norm,
         "parallel_block": parallel,
         "query_heads_per_value_head": groups[-1] if groups else None,
@@ -83,24 +88,35 @@ def as_text(info: dict) -> str:
              "parallel attention+MLP" if t["parallel_block"] else "sequential blocks"]
     if t["query_heads_per_value_head"] and t["query_heads_per_value_head"] > 1:
         shape.append(f"grouped-query attention ({t['query_heads_per_value_head']} query heads per value head)")
+    if t["sublayer_output_norms"]:
+        shape.append("a norm on each sublayer's output")
+    if t["head_norms"]:
+        shape.append("query/key norms")
     if t["tied_embedding_shared"]:
         shape.append("embedding and unembedding share one tensor")
     lines.append(f"family traits: {t['layers']} layers; {', '.join(t['norms'])}; {'; '.join(shape)}")
     lines.append(f"d_model: {info['d_model']}")
     kinds = ", ".join(f"{k} x{v}" for k, v in info["norm_kinds"].items())
-    lines.append(f"norms: {len(info['norms'])} ({kinds})")
+    readers = [n for n in info["norms"] if n["role"] in ("reader", "final")]
+    others = ", ".join(f"{k} x{v}" for k, v in info["norm_roles"].items() if k not in ("reader", "final"))
+    lines.append(f"norms: {len(readers)} reading the stream ({kinds})" + (f"; also {others}" if others else ""))
     for n in info["norms"]:
         state = f"skipped: {n['skipped']}" if n["skipped"] else f"read by {', '.join(n['readers'])}"
-        lines.append(f"  [{_layer(n['layer'])}] {n['name']}: {state}")
+        lines.append(f"  [{_layer(n['layer'])}] {n['role']} {n['name']}: {state}")
+    if info["layers_skipped"]:
+        lines.append(f"blocks: none recognised ({info['layers_skipped']})")
     lines.append(f"residual stream: {info['stream_tensors']} tensors, {len(info['writers'])} writers"
                  + (f" (centring skipped: {info['stream_skipped']})" if info["stream_skipped"] else ""))
     for w in info["writers"]:
         extra = f" (skipped: {w['skipped']})" if w["skipped"] else ""
-        lines.append(f"  [{_layer(w['layer'])}] {w['role']}: {w['name']}{extra}")
+        via = f" through {w['through_norm']}" if w["through_norm"] else ""
+        lines.append(f"  [{_layer(w['layer'])}] {w['role']}: {w['name']}{via}{extra}")
     u = info["unembed"]
     if u:
         lines.append(f"unembed: {u['name']} [{u['d_model']} -> {u['vocab']}], "
                      f"bias: {'yes' if u['bias'] else 'no'}, final norm: {u['final_norm']}")
+        if info["unembed_nonlinear"]:
+            lines.append(f"  centring skipped: {info['unembed_nonlinear']}")
     else:
         lines.append(f"unembed: not found ({info['unembed_skipped']})")
     lines.append(f"attention V->O: {len(info['attention'])} blocks")

@@ -26,8 +26,7 @@ import onnx_ir as ir
 from . import match
 from .anatomy import Anatomy, Writer, analyse
 from .norms import Norm
-
-LAYOUT_OPS = match.ROW_NOOPS | {"Transpose"}
+from .sublayers import attention_parts
 
 # TransformerLens's names, in its order; {l} is the layer.
 GLOBAL_POINTS = ("hook_embed", "hook_pos_embed")
@@ -51,6 +50,7 @@ PER_POSITION = "per_position"  # reshape to [batch, pos, -1] when the graph hold
 BROADCAST = "broadcast"  # position table rows, expanded over the batch
 HEADS = "heads"  # [batch, head, pos, d_head] transposed to [batch, pos, head, d_head]
 SCALE = "scale"  # a norm's scale, computed from its input
+NORMALIZED = "normalized"  # a norm's input divided by that scale (centred first for a LayerNorm)
 
 
 @dataclass(eq=False)
@@ -89,9 +89,11 @@ def template(name: str) -> str:
 def place(graph: ir.Graph, anatomy: Anatomy | None = None) -> Placement:
     anatomy = anatomy or analyse(graph)
     result = Placement(anatomy=anatomy)
-    layers, final, reason = _layer_norms(anatomy)
+    layers = anatomy.layers
     result.n_layers = len(layers)
-    if reason:
+    if not layers:
+        reason = ("no norms found: the graph's residual stream cannot be located" if not anatomy.norms
+                  else anatomy.layers_blocker or "no transformer blocks were found in the residual stream")
         for name in list(GLOBAL_POINTS) + [t.format(l="*") for t in LAYER_POINTS] + list(FINAL_POINTS):
             result.unplaced[name] = reason
         return result
@@ -102,129 +104,112 @@ def place(graph: ir.Graph, anatomy: Anatomy | None = None) -> Placement:
         else:
             result.unplaced[name] = found
 
-    writers = writers_by_role(anatomy)
-    embeds = writers.get("embed", {})
-    put("hook_embed", Point("hook_embed", embeds[0].node.outputs[0], AS_IS, f"embedding Gather {embeds[0].node.name}")
-        if embeds else "no token-embedding table Gather writes into the residual stream")
-    pos = writers.get("pos_embed", {})
-    put("hook_pos_embed", Point("hook_pos_embed", pos[0].node.outputs[0], BROADCAST, f"position Gather {pos[0].node.name}")
-        if pos else "no learned position table writes into the residual stream (rotary or no positions)")
+    embeds = [w for w in anatomy.writers if w.step is not None and w.step < _first_step(layers[0], anatomy)
+              and w.kind != "bias"]
+    token = next((w for w in embeds if w.step == -1), None)
+    put("hook_embed", Point("hook_embed", token.value, PER_POSITION, f"token embedding {token.node.name}"
+                            + ("" if token.value is token.node.outputs[0] else f", scaled ({token.value.name})"))
+        if token is not None else "no token-embedding table starts the residual stream")
+    positions = [w for w in embeds if w.role == "pos_embed"]
+    if len(positions) == 1:
+        put("hook_pos_embed", Point("hook_pos_embed", positions[0].value, BROADCAST,
+                                    f"position table Gather {positions[0].node.name}"))
+    else:
+        put("hook_pos_embed", "no learned position table writes into the residual stream (rotary or no positions)"
+            if not positions else f"{len(positions)} position tables write into the stream")
 
-    for l, norms in enumerate(layers):
-        p = f"blocks.{l}."
-        pre = _root(norms[0].input)
-        put(p + "hook_resid_pre", Point(p + "hook_resid_pre", pre, PER_POSITION, f"input of {norms[0].name}"))
-        put(p + "ln1.hook_scale", Point(p + "ln1.hook_scale", norms[0].input, SCALE, f"scale of {norms[0].name}",
-                                         norms[0]))
-        if len(norms) > 1:
-            put(p + "ln2.hook_scale", Point(p + "ln2.hook_scale", norms[1].input, SCALE, f"scale of {norms[1].name}",
-                                             norms[1]))
-        else:
-            put(p + "ln2.hook_scale", "the layer has one norm")
-        mid = next((n for n in norms[1:] if _root(n.input) is not pre), None)
-        if mid is not None:
-            put(p + "hook_resid_mid", Point(p + "hook_resid_mid", _root(mid.input), PER_POSITION, f"input of {mid.name}"))
+    for layer in layers:
+        l, p = layer.index, f"blocks.{layer.index}."
+        put(p + "hook_resid_pre", Point(p + "hook_resid_pre", layer.pre, PER_POSITION, f"stream before block {l}"))
+        put(p + "hook_resid_post", Point(p + "hook_resid_post", layer.post, PER_POSITION, f"stream after block {l}")
+            if layer.post is not None else f"the stream after block {l} exists only inside a fused norm")
+        if layer.mid is not None:
+            put(p + "hook_resid_mid", Point(p + "hook_resid_mid", layer.mid, PER_POSITION,
+                                            f"stream between attention and MLP of block {l}"))
         else:
             put(p + "hook_resid_mid", "attention and MLP read the same stream tensor (parallel block): "
-                                      "there is no stream between them" if len(norms) > 1 else "the layer has one norm")
-        attn = writers.get("attn_out", {}).get(l)
-        if attn is None:
-            for suffix in ("hook_attn_out", "attn.hook_pattern", "attn.hook_z"):
-                put(p + suffix, f"no attention output projection (fed by Softmax(...) @ V) found for layer {l}")
-        else:
-            put(p + "hook_attn_out", Point(p + "hook_attn_out", _term(attn), PER_POSITION, f"output of {attn.name}"))
-            put(p + "attn.hook_pattern", _pattern(p + "attn.hook_pattern", attn))
-            put(p + "attn.hook_z", _z(p + "attn.hook_z", attn))
-        mlp = writers.get("mlp_out", {}).get(l)
+                                      "there is no stream between them" if layer.parallel
+                else f"block {l} has no MLP")
+        put(p + "ln1.hook_scale", _scale(p + "ln1.hook_scale", layer.ln1, "attention", l))
+        put(p + "ln2.hook_scale", _scale(p + "ln2.hook_scale", layer.ln2, "MLP", l) if layer.mlp is not None
+            else f"block {l} has no MLP")
+        attn, mlp = layer.attn, layer.mlp
+        put(p + "hook_attn_out", _term(p + "hook_attn_out", attn, anatomy))
+        put(p + "attn.hook_pattern", _pattern(p + "attn.hook_pattern", attn))
+        put(p + "attn.hook_z", _z(p + "attn.hook_z", attn))
         if mlp is None:
             for suffix in ("hook_mlp_out", "mlp.hook_post"):
-                put(p + suffix, f"no MLP output projection found for layer {l}")
+                put(p + suffix, f"block {l} has no MLP")
         else:
-            put(p + "hook_mlp_out", Point(p + "hook_mlp_out", _term(mlp), PER_POSITION, f"output of {mlp.name}"))
+            put(p + "hook_mlp_out", _term(p + "hook_mlp_out", mlp, anatomy))
             post, _ = match.back(mlp.linear.node.inputs[0])
             put(p + "mlp.hook_post", Point(p + "mlp.hook_post", post, PER_POSITION, f"input of {mlp.name}"))
-        if l + 1 < len(layers):
-            nxt = layers[l + 1][0]
-            post = Point(p + "hook_resid_post", _root(nxt.input), PER_POSITION, f"input of {nxt.name}")
-        elif final is not None:
-            post = Point(p + "hook_resid_post", _root(final.input), PER_POSITION, f"input of {final.name}")
-        else:
-            post = "no final norm before the unembedding"
-        put(p + "hook_resid_post", post)
 
+    final = anatomy.final_norm
     if final is None:
         for name in FINAL_POINTS:
             put(name, "no final norm before the unembedding")
     else:
-        put("ln_final.hook_scale", Point("ln_final.hook_scale", final.input, SCALE, f"scale of {final.name}", final))
-        put("ln_final.hook_normalized", Point("ln_final.hook_normalized", final.output, PER_POSITION,
-                                               f"output of {final.name}"))
+        put("ln_final.hook_scale", Point("ln_final.hook_scale", final.input, SCALE, f"scale of {final.name}", final)
+            if final.input is not None else f"the input of {final.name} exists only inside it (fused sum)")
+        put("ln_final.hook_normalized", _normalized("ln_final.hook_normalized", final))
     order = {name: i for i, name in enumerate(all_names(len(layers)))}
     result.points = dict(sorted(result.points.items(), key=lambda kv: order[kv[0]]))
     result.unplaced = dict(sorted(result.unplaced.items(), key=lambda kv: order[kv[0]]))
     return result
 
 
-def _root(value: ir.Value) -> ir.Value:
-    return match.back(value)[0]
+def _first_step(layer, anatomy: Anatomy) -> int:
+    return layer.attn.step if layer.attn is not None else 0
 
 
-def _layer_norms(anatomy: Anatomy) -> tuple[list[list[Norm]], Norm | None, str | None]:
-    """Each layer's norms in graph order, and the final norm."""
-    if not anatomy.norms:
-        return [], None, "no norms found: the graph's residual stream cannot be located"
-    final = anatomy.final_norm
-    if final is None and anatomy.norms[-1].layer is None:
-        final = anatomy.norms[-1]
-    blocks = [n for n in anatomy.norms if n is not final]
-    if not blocks:
-        return [], final, "no norms inside the layers"
-    if all(n.layer is not None for n in blocks):
-        grouped = defaultdict(list)
-        for n in blocks:
-            grouped[n.layer].append(n)
-        if sorted(grouped) != list(range(len(grouped))):
-            return [], final, f"layer numbers of the norms are not 0..n-1 ({sorted(grouped)})"
-        return [grouped[l] for l in range(len(grouped))], final, None
-    n_layers = len([w for w in anatomy.writers if w.role == "attn_out"]) or len(anatomy.attention)
-    if not n_layers or len(blocks) % n_layers:
-        return [], final, "norms carry no layer numbers and do not split evenly into layers"
-    k = len(blocks) // n_layers
-    return [blocks[i * k:(i + 1) * k] for i in range(n_layers)], final, None
+def _scale(name: str, norm: Norm | None, sublayer: str, l: int) -> Point | str:
+    if norm is None:
+        return f"block {l}'s {sublayer} reads the residual stream with no norm in between"
+    if norm.input is None:
+        return f"the stream {norm.name} reads exists only inside it (fused sum)"
+    return Point(name, norm.input, SCALE, f"scale of {norm.name}", norm)
+
+
+def _normalized(name: str, norm: Norm) -> Point | str:
+    """The norm's input normalised, before its scale and bias (TransformerLens's hook_normalized):
+    the norm's own output once fold_ln has made it a bare normaliser, else computed from its input."""
+    plain = all(ref is None or _all_equal(ref, fill) for ref, fill in ((norm.scale, 1.0), (norm.bias, 0.0)))
+    if plain:
+        return Point(name, norm.output, PER_POSITION, f"output of {norm.name} (scale 1, bias 0)")
+    if norm.input is None:
+        return f"the input of {norm.name} exists only inside it (fused sum)"
+    return Point(name, norm.input, NORMALIZED, f"input of {norm.name}, normalised without its scale", norm)
+
+
+def _all_equal(ref, fill: float) -> bool:
+    node, idx = ref
+    arr = match.const_value(node.inputs[idx])
+    return arr is not None and bool((arr == fill).all())
 
 
 def writers_by_role(anatomy: Anatomy) -> dict[str, dict[int, Writer]]:
-    """role -> layer -> writer; writers without a layer number are numbered in graph order."""
+    """role -> layer -> writer, for the blocks the anatomy found."""
     out: dict[str, dict[int, Writer]] = defaultdict(dict)
-    for role in ("embed", "pos_embed", "attn_out", "mlp_out"):
-        ws = [w for w in anatomy.writers if w.role == role]
-        numbered = all(w.layer is not None for w in ws) and len({w.layer for w in ws}) == len(ws)
-        for i, w in enumerate(ws):
-            out[role][w.layer if numbered and role not in ("embed", "pos_embed") else i] = w
+    for layer in anatomy.layers:
+        for writer in (layer.attn, layer.mlp):
+            if writer is not None:
+                out[writer.role][layer.index] = writer
     return out
 
 
-def _term(writer: Writer) -> ir.Value:
-    """The writer's output as the residual Add reads it (after bias and any reshape back to 3-D)."""
-    lin = writer.linear
-    uses, _ = match.forward(lin.out)
-    for node, _, value in uses:
-        if node.op_type == "Add" and node.domain == "":
-            return value
-    return lin.out
+def _term(name: str, writer: Writer, anatomy: Anatomy) -> Point | str:
+    """What the sublayer adds into the stream (after its bias, and after a sublayer-output norm)."""
+    others = [w for w in anatomy.writers if w.step == writer.step and w.kind == "bias"]
+    if others:
+        return f"{writer.name}'s bias {others[0].name} is added in the same sum ({others[0].node.name}), not to its output"
+    where = f"output of {writer.norm.name} (normalising {writer.name})" if writer.norm else f"output of {writer.name}"
+    return Point(name, writer.value, PER_POSITION, where)
 
 
 def _attention_parts(writer: Writer) -> tuple[ir.Node, ir.Node] | str:
     """The Softmax and the probabilities-times-values MatMul that feed this output projection."""
-    x, _ = match.back(writer.linear.node.inputs[0], LAYOUT_OPS)
-    pv = x.producer()
-    if pv is None or pv.op_type != "MatMul":
-        return f"{writer.name} is not fed by a MatMul of probabilities and values"
-    probs, _ = match.back(pv.inputs[0], match.VALUE_NOOPS)
-    softmax = probs.producer()
-    if softmax is None or softmax.op_type != "Softmax":
-        return f"{writer.name}: the attention probabilities do not come from a Softmax"
-    return softmax, pv
+    return attention_parts(writer.linear)
 
 
 def _rank(value: ir.Value) -> int | None:

@@ -15,6 +15,7 @@ import onnx_ir as ir
 # inference: dynamo exports it with training_mode=True, and onnxruntime removes it.
 VALUE_NOOPS = {"Identity", "Cast", "Dropout"}
 ROW_NOOPS = VALUE_NOOPS | {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+LAYOUT_OPS = ROW_NOOPS | {"Transpose"}  # re-layouts: heads split off or merged back
 SHAPE_ONLY = {"Shape", "Size"}
 
 

@@ -45,6 +45,8 @@ class Norm:
     blocker: str | None = None
     terms: list = field(default_factory=list)  # fused residual sum (Skip*Normalization): its addends
     sum_bias: tuple[ir.Node, int] | None = None  # and the constant it adds
+    role: str | None = None  # its place in the model (anatomy.py): reader, final, sublayer_output, head, ...
+    normalized: ir.Value | None = None  # the normalised tensor before scale and bias, where the graph has it
 
     @property
     def centring(self) -> bool:
@@ -183,6 +185,7 @@ def _decomposed_layernorm(div: ir.Node) -> Norm | None:
         eps=float(np.asarray(eps).reshape(-1)[0]),
         scale=scale,
         bias=bias,
+        normalized=div.outputs[0],
     )
 
 
@@ -299,6 +302,7 @@ def _decomposed_rmsnorm(sqrt: ir.Node) -> Norm | None:
         d_model=d_model,
         eps=float(np.asarray(eps).reshape(-1)[0]),
         scale=scale,
+        normalized=normalised.outputs[0],
     )
 
 

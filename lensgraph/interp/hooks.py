@@ -26,7 +26,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from .._version import __version__
 from ..errors import BadInputError
 from ..graph import match
-from ..graph.hookpoints import AS_IS, BROADCAST, HEADS, PER_POSITION, SCALE, Placement, Point, place, template
+from ..graph.hookpoints import (AS_IS, BROADCAST, HEADS, NORMALIZED, PER_POSITION, SCALE, Placement, Point,
+                                place, template)
 from ..store.model import LensModel
 
 HOOK_KEY = "lensgraph.hook"
@@ -200,7 +201,7 @@ class _Builder:
     # -- one point --------------------------------------------------------------------
     def add(self, point: Point) -> None:
         name, v = point.name, point.value
-        if point.form in (PER_POSITION, SCALE):
+        if point.form in (PER_POSITION, SCALE, NORMALIZED):
             v = self.private_copy(name, v)
         rank = None if v.shape is None else len(v.shape)
         if point.form == AS_IS or (point.form == PER_POSITION and rank == 3):
@@ -218,14 +219,17 @@ class _Builder:
                              out_name=name, perm=[0, 2, 1, 3])
         elif point.form == SCALE:
             out = self._scale(point)
+        elif point.form == NORMALIZED:
+            out = self._scale(point, normalized=True)
         else:
             raise ValueError(point.form)
         out.dtype = v.dtype
         self.ranks.append((out, 4 if point.form == HEADS else 3 if point.form != AS_IS else rank))
         self.graph.outputs.append(out)
 
-    def _scale(self, point: Point) -> ir.Value:
-        """sqrt(mean((x - mean x)^2) + eps), or sqrt(mean(x^2) + eps) for an RMSNorm.
+    def _scale(self, point: Point, normalized: bool = False) -> ir.Value:
+        """sqrt(mean((x - mean x)^2) + eps), or sqrt(mean(x^2) + eps) for an RMSNorm; with
+        `normalized`, the (centred) input divided by it.
 
         Built from ReduceSum and Mul rather than the norm's own ReduceMean/Sub/Pow chain, so
         onnxruntime's common-subexpression step cannot merge it into a decomposed norm and
@@ -248,4 +252,8 @@ class _Builder:
             centred = self._node(name, "Sub", [x, mean(x)], "x - mean(x)")
         square = self._node(name, "Mul", [centred, centred], "squared")
         var = self._node(name, "Add", [mean(square), eps], "variance + eps")
+        if normalized:
+            scale = self._node(name, "Sqrt", [var], "sqrt(variance + eps)")
+            return self._node(name, "Div", [centred, scale], f"{point.found}: x / sqrt(variance + eps)",
+                              out_name=name)
         return self._node(name, "Sqrt", [var], f"{point.found}: sqrt(variance + eps)", out_name=name)
