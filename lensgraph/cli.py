@@ -205,6 +205,9 @@ def _hooks(args) -> int:
     if not args.output:
         raise BadInputError("give the output file with -o (or --list to only list the points)")
     report = add_hooks(model, args.points)
+    if not report.added:
+        reasons = "; ".join(_grouped(report.unplaced, template)[:3]) or "no hook point was asked for"
+        raise BadInputError(f"{args.input}: no hook point can be placed, so nothing was written ({reasons})")
     model.check(full=True)
     model.save(args.output)
     say(f"{args.input} -> {args.output}: {len(report.added)} hook outputs"

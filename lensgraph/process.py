@@ -68,7 +68,7 @@ def process(
     results = manager.run(model, progress=progress, final_check=False)  # checked in full below
     changed = any(r.modified for r in results)
     report.update(applied=model.applied, changed=changed, passes=[r.to_dict() for r in results])
-    if in_place and not changed:  # nothing to replace the input with
+    if not changed:  # no output at all: an unchanged copy would pass for a processed model
         report["seconds"] = time.perf_counter() - start
         return report
     model.check(full=True)
@@ -99,9 +99,12 @@ def _manager(passes) -> PassManager:
 
 
 def summary(report: dict) -> str:
-    """A few human lines: per pass what matched, was rewritten or skipped and why."""
+    """A few human lines: per pass what matched, was rewritten or skipped and why; one line
+    when nothing changed."""
     if report.get("nothing_to_rewrite"):
         return f"  nothing to rewrite: {report['nothing_to_rewrite']}; the model was left alone and nothing was written"
+    if not report["changed"]:
+        return f"  nothing changed, so nothing was written: {_why_unchanged(report['passes'])}"
     lines = []
     for d in report["passes"]:
         r = PassResult(d["name"], d["matched"], d["rewritten"], [(s["what"], s["reason"]) for s in d["skipped"]],
@@ -109,16 +112,24 @@ def summary(report: dict) -> str:
         lines.append("  " + r.summary())
         for what, reason in r.skipped:
             lines.append(f"    skipped {what}: {reason}")
-    if not report["changed"]:
-        lines.append("  nothing changed: " + (
-            "every pass was already applied" if all(d["already_applied"] for d in report["passes"])
-            else "no pass found anything to rewrite"))
     v = report.get("verification")
     if v:
         lines.append(f"  verification: worst centred-logit difference {v['max_rel_diff']:.2e} of the logit "
                      f"scale (tolerance {v['tolerance']:.0e})")
-    elif report["changed"]:
+    else:
         lines.append("  verification: skipped (--no-verify)")
-    if not report.get("written"):
-        lines.append("  nothing was written: the input already holds this result")
     return "\n".join(lines)
+
+
+def _why_unchanged(passes: list[dict]) -> str:
+    if all(d["already_applied"] for d in passes):
+        return "every pass was already applied"
+    parts = []
+    for d in passes:
+        if d["already_applied"]:
+            parts.append(f"{d['name']} already applied")
+        elif d["skipped"]:
+            parts.append(f"{d['name']}: {d['skipped'][0]['reason']}")
+        else:
+            parts.append(f"{d['name']}: found nothing to rewrite")
+    return "no pass changed anything (" + "; ".join(parts) + ")"

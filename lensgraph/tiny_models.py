@@ -80,6 +80,22 @@ def _configs() -> dict:
                                         **SMALL),
         "gemma": lambda: tf.GemmaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=1,
                                         head_dim=8, intermediate_size=64, max_position_embeddings=64, **SMALL),
+        # norms around each sublayer, query/key norms, Gemma 2's soft-capped logits and attention
+        "gemma2": lambda: tf.Gemma2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                          max_position_embeddings=64, query_pre_attn_scalar=8, sliding_window=4,
+                                          final_logit_softcapping=30.0, attn_logit_softcapping=50.0, **SMALL),
+        "gemma3": lambda: tf.Gemma3TextConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                              num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                              max_position_embeddings=64, query_pre_attn_scalar=8, sliding_window=4,
+                                              **SMALL),
+        "qwen3": lambda: tf.Qwen3Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=8, intermediate_size=64, max_position_embeddings=64, **SMALL),
+        "olmo2": lambda: tf.Olmo2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0, **SMALL),
+        "phi3": lambda: tf.Phi3Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64, original_max_position_embeddings=64,
+                                      pad_token_id=0, **SMALL),
         "bert": lambda: tf.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
                                       max_position_embeddings=64, is_decoder=True, **SMALL),
     }
@@ -97,5 +113,6 @@ def build(family: str, seed: int = 0):
             setattr(config, key, 0)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model.config.architectures = [type(model).__name__]  # as a saved checkpoint names it
     randomise_1d(model, seed)
     return model

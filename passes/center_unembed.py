@@ -20,7 +20,7 @@ class CenterUnembed(Pass):
             return reason
         if anatomy.unembed is None:
             return anatomy.unembed_blocker or "no unembedding found"
-        return None
+        return anatomy.unembed_nonlinear
 
     def run(self, model, anatomy) -> PassResult:
         result = PassResult(self.name, matched=1)

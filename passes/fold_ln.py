@@ -7,6 +7,7 @@ and the norm becomes the bare normaliser (w = 1, b = 0). RMSNorm folds only the 
 
 import numpy as np
 
+from lensgraph.graph.anatomy import FOLDABLE_ROLES
 from lensgraph.pipeline import Pass, PassResult, check, register
 from lensgraph.store.weights import LinearWeights
 
@@ -20,7 +21,11 @@ class FoldLayerNorm(Pass):
     def run(self, model, anatomy) -> PassResult:
         result = PassResult(self.name)
         store, linear = model.weights, LinearWeights(model.weights)
+        kept: dict[str, list] = {}  # norms that do not read the stream, by the reason they stay
         for norm in anatomy.norms:
+            if norm.role not in FOLDABLE_ROLES:
+                kept.setdefault(norm.blocker, []).append(norm)
+                continue
             result.matched += 1
             if norm.blocker:
                 result.skip(norm.name, norm.blocker)
@@ -44,11 +49,13 @@ class FoldLayerNorm(Pass):
                     store.write(node, idx, np.full(store.read(node.inputs[idx]).shape, fill))
                     model.tag(node, self.name, "bare normaliser: scale 1, bias 0")
             result.rewritten += 1
+        for reason, norms in kept.items():
+            result.skip(norms[0].name if len(norms) == 1 else f"{len(norms)} norms ({norms[0].name}, ...)", reason)
         result.modified = result.rewritten > 0
         return result
 
     def ensures(self, model, anatomy) -> None:
-        for norm in anatomy.norms:
+        for norm in anatomy.stream_readers:
             if norm.blocker is None:
                 w = _vector(model.weights, norm.scale, np.ones(1))
                 b = _vector(model.weights, norm.bias, np.zeros(1))

@@ -24,6 +24,11 @@ class FoldValueBiases(Pass):
         result = PassResult(self.name)
         linear = LinearWeights(model.weights)
         todo = []
+        if not anatomy.attention:
+            found = [w.name for w in anatomy.writers if w.role == "attn_out"]
+            result.skip("model", "no attention block's V->O path was traced"
+                        + (f" ({'; '.join(anatomy.notes)})" if anatomy.notes else
+                           "" if found else ": no stream term is fed by softmax(...) @ V"))
         for att in anatomy.attention:
             result.matched += 1
             what = f"layer {att.layer} attention ({att.o.name})"

@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny GPT-2 with randomised 1-D parameters, exported once per session
-through each exporter path (TorchScript opset 17 and 14, dynamo)."""
+"""Shared fixtures: a tiny GPT-2 with randomised 1-D parameters, and a tiny model of every
+family, each exported once per session through each exporter path (TorchScript opset 17 and
+14, dynamo) on first use, and processed once."""
 
 from __future__ import annotations
 
@@ -37,3 +38,43 @@ def gpt2_exports(gpt2_hf, tmp_path_factory):
 @pytest.fixture(params=list(EXPORT_FORMS))
 def gpt2_onnx(request, gpt2_exports):
     return gpt2_exports[request.param]
+
+
+class FamilyZoo:
+    """Tiny models of every family (tiny_models.build, seed 7), exported and processed on first
+    use and shared by every test of the session; calling it gives an export's path."""
+
+    def __init__(self, folder):
+        self.folder, self.models, self.exports, self.reports = folder, {}, {}, {}
+
+    def model(self, family: str):
+        from lensgraph import tiny_models
+
+        if family not in self.models:
+            self.models[family] = tiny_models.build(family, seed=7)
+        return self.models[family]
+
+    def __call__(self, family: str, form: str) -> str:
+        from lensgraph.export import export_model
+
+        key = (family, form)
+        if key not in self.exports:
+            path = os.path.join(self.folder, f"{family}-{form}.onnx")
+            export_model(self.model(family), path, **EXPORT_FORMS[form])
+            self.exports[key] = path
+        return self.exports[key]
+
+    def processed(self, family: str, form: str) -> tuple[str, dict]:
+        """(path, report) of the export processed with the default pipeline."""
+        from lensgraph.process import process
+
+        key = (family, form)
+        if key not in self.reports:
+            path = os.path.join(self.folder, f"{family}-{form}.lens.onnx")
+            self.reports[key] = (path, process(self(family, form), path))
+        return self.reports[key]
+
+
+@pytest.fixture(scope="session")
+def family_exports(tmp_path_factory):
+    return FamilyZoo(str(tmp_path_factory.mktemp("families")))

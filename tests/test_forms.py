@@ -13,7 +13,6 @@ from lensgraph.graph.anatomy import analyse
 from lensgraph.store.model import LensModel
 from lensgraph.graph.norms import find_norms
 from lensgraph.process import process
-from test_families import family_exports  # noqa: F401  (session fixture)
 
 
 def ort_optimised(src: str, dst: str, model_type: str) -> str:

@@ -12,7 +12,6 @@ from lensgraph.process import process
 from lensgraph.store.weights import LinearWeights
 from lensgraph import tiny_models
 from tl_reference import gpt2_tl_processed, llama_tl_processed, neox_tl_processed
-from test_families import family_exports  # noqa: F401  (session fixture)
 
 
 def onnx_as_tl(path: str, n_heads: int) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import BadInputError
 from ..graph.hookpoints import place
 from ..store.model import LensModel
-from ..store.runner import Runner
+from ..store.runner import FLOAT_TYPES, Runner
 from .hooks import add_hooks, remove_hooks, select
 
 _FILES: dict[str, tuple[tuple, list[str]]] = {}  # path -> (file key, placeable points)
@@ -66,7 +66,8 @@ def run_with_cache(model, input_ids, attention_mask=None, points=None, provider:
     """Logits and a dict of hook-point activations (numpy), named as TransformerLens names them.
 
     `model` is a path or an onnxruntime InferenceSession; `input_ids` is [batch, pos] (or
-    [pos]); `points` are globs over the hook names (None: every point; []: none).
+    [pos]); `points` are globs over the hook names (None: every point; []: none). A graph
+    with a KV cache runs its first step: the past is empty.
     """
     import onnxruntime as ort
 
@@ -93,7 +94,12 @@ def _feeds(sess, input_ids, attention_mask) -> dict:
     feeds = {}
     for inp in sess.get_inputs():
         dtype = np.int32 if inp.type == "tensor(int32)" else np.int64
-        if "mask" in inp.name:
+        if "past" in inp.name and inp.type in FLOAT_TYPES:  # a KV-cache graph at its first step: an empty past
+            dims = [d if isinstance(d, int) else None for d in inp.shape]
+            if len(dims) != 4 or dims[1] is None or dims[3] is None:
+                raise BadInputError(f"cannot make an empty cache for input {inp.name} {inp.shape}")
+            feeds[inp.name] = np.zeros((ids.shape[0], dims[1], 0, dims[3]), FLOAT_TYPES[inp.type])
+        elif "mask" in inp.name:
             mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
             feeds[inp.name] = mask.reshape(ids.shape).astype(dtype)
         elif "position" in inp.name:
