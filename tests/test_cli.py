@@ -71,7 +71,7 @@ def test_process_verify_inspect(exported, tmp_path):
     done = lensgraph("inspect", out)
     assert done.returncode == 0, done.stderr
     assert "applied passes: fold_ln, center_writing_weights, center_unembed, fold_value_biases" in done.stdout
-    assert "norms: 5 (layernorm (LayerNormalization) x5)" in done.stdout
+    assert "norms: 5 reading the stream (layernorm (LayerNormalization) x5)" in done.stdout
     assert "family traits: 2 layers; layernorm (LayerNormalization); pre-norm; sequential blocks" in done.stdout
     assert "attention V->O: 2 blocks" in done.stdout
 

@@ -7,7 +7,6 @@ pipeline and compared with the original in onnxruntime.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import onnx

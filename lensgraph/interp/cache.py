@@ -75,14 +75,19 @@ def run_with_cache(model, input_ids, attention_mask=None, points=None, provider:
         sess = model
         outputs = [o.name for o in sess.get_outputs()]
         logits = "logits" if "logits" in outputs else outputs[0]
-        wanted = select([n for n in outputs if n != logits], points)
+        wanted = select([n for n in outputs if _is_point(n)], points)
     else:
         sess = session(model, provider, points)
         outputs = [o.name for o in sess.get_outputs()]
         logits = "logits" if "logits" in outputs else outputs[0]
-        wanted = [n for n in outputs if n != logits]
+        wanted = [n for n in outputs if _is_point(n)]  # not the KV cache's present.* outputs
     values = sess.run([logits] + wanted, _feeds(sess, input_ids, attention_mask))
     return values[0], dict(zip(wanted, values[1:]))
+
+
+def _is_point(name: str) -> bool:
+    """Whether a graph output is a hook point (named as TransformerLens names them)."""
+    return name.startswith(("hook_", "blocks.", "ln_final."))
 
 
 def _feeds(sess, input_ids, attention_mask) -> dict:
