@@ -69,6 +69,11 @@ def test_hooks_lists_points_a_family_lacks(tmp_path):
     done = lensgraph("hooks", path, "--list")
     assert done.returncode == 0
     assert "not placed: blocks.*.hook_resid_pre: no norms found" in done.stdout
+    out = tmp_path / "hooked.onnx"
+    done = lensgraph("hooks", path, "-o", out)  # nothing to place: nothing written, and it says why
+    assert done.returncode == 2 and not out.exists()
+    assert "no hook point can be placed, so nothing was written" in done.stderr and "no norms found" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_view_reports_a_missing_file(tmp_path):

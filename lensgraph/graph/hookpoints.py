@@ -1,18 +1,21 @@
 """Where TransformerLens's hook points sit in an exported graph.
 
-Placement reads the anatomy (the norms and the stream tensors they read, the writers
-with their roles and layers, the final norm) and adds two short walks of its own: from
-an attention output projection back to its Softmax and to the per-head values it
-reads. Each point becomes a tensor of the graph plus the small reshaping that gives it
-TransformerLens's layout; a point that cannot be placed is reported with the reason.
+Placement reads the anatomy's blocks, found from the residual stream's structure (anatomy.py):
+each point is a tensor of the graph plus the small reshaping that gives it TransformerLens's
+layout, or it is absent with the reason, never placed on a guess.
 
-    resid_pre[l]   input of layer l's first norm       resid_mid[l]  input of its second norm
-    resid_post[l]  resid_pre[l+1] (last: final norm's input)
-    attn_out[l], mlp_out[l]   the writer's term, after its bias, as added into the stream
+    hook_embed     the token embedding as it enters the stream (scaled, where the model scales it)
+    hook_pos_embed the learned position table's rows, whatever computes the positions
+    resid_pre[l]   the stream before block l          resid_mid[l]  between its attention and MLP
+    resid_post[l]  the stream after block l (= resid_pre[l+1])
+    attn_out[l], mlp_out[l]   exactly what the sublayer adds into the stream (after its bias, and
+                   after a sublayer-output norm)
     pattern[l]     Softmax output [batch, head, query, key]
     z[l]           per-head attention output [batch, pos, head, d_head] entering O
     mlp.hook_post  the MLP's activation, entering its output projection
-    ln*.hook_scale sqrt(var + eps) of the norm's input (RMSNorm: sqrt(mean(x^2) + eps))
+    ln*.hook_scale sqrt(var + eps) of the input of the norm that reads the stream before the
+                   sublayer (RMSNorm: sqrt(mean(x^2) + eps)); ln_final's before the unembedding
+    ln_final.hook_normalized   that input divided by the scale, before the norm's weight
 """
 
 from __future__ import annotations
