@@ -117,3 +117,19 @@ def test_optimum_hook_points_are_hf_activations(optimum, family, processed):
     cache = check_points(dst if processed else src, hf, "gpt2" if family == "gpt2" else "llama", processed)
     if family == "gpt2":
         assert "hook_pos_embed" in cache  # wpe gathered at the position_ids input
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_onnxruntime_optimised_graph_points_are_right_or_absent(family_exports, tmp_path, family):
+    """After onnxruntime's transformer optimizer (Skip*Normalization fusing the residual sums, biases
+    moved into them) a point is either the HF activation or absent with its reason."""
+    from test_forms import ort_optimised
+
+    path = ort_optimised(family_exports(family, "torchscript17"), str(tmp_path / "opt.onnx"), "gpt2")
+    placement = place(LensModel.load(path).graph)
+    assert len(placement.points) >= 15 and all(placement.unplaced.values())
+    _, cache = run_with_cache(path, IDS)
+    oracle = hf_points(family_exports.model(family), IDS, processed=False)
+    assert set(cache) == set(placement.points)
+    wrong = {name: relative_error(cache[name], oracle[name]) for name in cache}
+    assert all(err <= TOLERANCE for err in wrong.values()), {k: e for k, e in wrong.items() if e > TOLERANCE}

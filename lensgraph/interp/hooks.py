@@ -131,6 +131,8 @@ class _Builder:
         self._ids_shape = None
         self._count = 0
         self.ranks: list[tuple[ir.Value, int | None]] = []
+        logits = next((v for v in self.graph.outputs if v.dtype is not None and v.dtype.is_floating_point()), None)
+        self.float_type = logits.dtype if logits is not None else ir.DataType.FLOAT
 
     # -- small helpers ----------------------------------------------------------------
     def _const(self, point: str, label: str, array: np.ndarray) -> ir.Value:
@@ -223,7 +225,7 @@ class _Builder:
             out = self._scale(point, normalized=True)
         else:
             raise ValueError(point.form)
-        out.dtype = v.dtype
+        out.dtype = v.dtype or self.float_type  # a graph output needs a type, if inference found none
         self.ranks.append((out, 4 if point.form == HEADS else 3 if point.form != AS_IS else rank))
         self.graph.outputs.append(out)
 
