@@ -89,3 +89,16 @@ def test_direct_logit_attribution_script_on_its_own_tiny_model():
 def test_logit_lens_script_on_its_own_tiny_model():
     out = script("logit_lens.py")
     assert float(re.search(r"max difference (\S+)", out).group(1)) < 1e-4
+
+
+def test_attributions_on_sublayer_output_norms_use_what_is_added(family_exports):
+    """Gemma 3 normalises each sublayer's output before the stream: its heads are not summed through
+    W_O (they would not add up); the sublayers' own outputs are, and the parts still add up."""
+    path, _ = family_exports.processed("gemma3", "torchscript17")
+    logits, cache = run_with_cache(path, feeds(2, 6)["input_ids"])
+    readout = Readout.from_model(path)
+    assert readout.W_O == {}
+    parts = direct_logit_attribution(cache, readout, answer=7, pos=-1)
+    assert {"embed", "L0 attn", "L1 attn", "L0 MLP", "L1 MLP"} <= set(parts) and "L0H0" not in parts
+    np.testing.assert_allclose(sum(parts.values()), logits[:, -1, 7], atol=1e-5)
+    assert np.abs(parts["other"]).max() < 1e-5

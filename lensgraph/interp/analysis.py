@@ -51,7 +51,8 @@ class Readout:
                   w=vector(norm.scale, 1.0), b=vector(norm.bias, 0.0),
                   W_U=linear.weight(unembed), b_U=linear.bias(unembed))
         for layer, writer in writers_by_role(anatomy).get("attn_out", {}).items():
-            out.W_O[layer], out.b_O[layer] = linear.weight(writer.linear), linear.bias(writer.linear)
+            if writer.norm is None:  # through a sublayer-output norm the heads do not add up linearly
+                out.W_O[layer], out.b_O[layer] = linear.weight(writer.linear), linear.bias(writer.linear)
         return out
 
     def scale(self, x: np.ndarray) -> np.ndarray:
