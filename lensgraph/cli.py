@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import progress
 
     progress.set_enabled(not getattr(args, "quiet", False))
+    progress.set_debug(bool(getattr(args, "debug", False)))
     try:
         if args.debug:
             return args.func(args) or 0
@@ -142,11 +143,11 @@ def _export(args) -> int:
 def _process(args) -> int:
     from .process import process, summary
     from .progress import Progress
-    from .store.atomic import write_text
+    from .store.atomic import check_text_target, write_text
 
     say = _say(args)
-    if args.report and _same_file(args.report, args.output or args.input, args.input):
-        raise BadInputError(f"{args.report}: the report would overwrite a model file")
+    if args.report:  # refused now, not after the model is published
+        check_text_target(args.report, _model_files(args))
     with Progress(enabled=not args.quiet) as bar:
         report = process(args.input, args.output, passes=args.passes, verify=not args.no_verify,
                          external_data=args.external_data, provider=args.provider, progress=bar.step,
@@ -161,13 +162,17 @@ def _process(args) -> int:
     return 0
 
 
-def _same_file(path: str, *others: str) -> bool:
-    for other in others:
-        if os.path.abspath(path) == os.path.abspath(other):
-            return True
-        if os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other):
-            return True
-    return False
+def _model_files(args) -> list[str]:
+    """Every file of the input model and every name its output may be written under."""
+    from .store.atomic import alternates, data_files_of
+
+    output = os.path.abspath(args.output or args.input)
+    folder_in, folder_out = os.path.dirname(os.path.abspath(args.input)), os.path.dirname(output)
+    data = args.external_data if isinstance(args.external_data, str) else os.path.basename(output) + ".data"
+    files = [os.path.abspath(args.input), output]
+    files += [os.path.join(folder_in, n) for n in data_files_of(args.input)] if os.path.isfile(args.input) else []
+    files += [os.path.join(folder_out, n) for n in alternates(data)] if os.path.basename(data) == data else []
+    return files
 
 
 def _verify(args) -> int:
@@ -188,7 +193,6 @@ def _inspect(args) -> int:
 
 
 def _hooks(args) -> int:
-    from .errors import BadInputError
     from .graph.hookpoints import place, template
     from .interp.hooks import add_hooks
     from .store.model import LensModel
@@ -226,15 +230,19 @@ def _grouped(reasons: dict, template) -> list[str]:
 
 
 def _view(args) -> int:
-    from .errors import BadInputError
+    from .store.safety import open_model
 
     try:
         import netron
     except ImportError:
         raise BadInputError("lensgraph view needs Netron: pip install 'lensgraph[view]'") from None
-    if not os.path.isfile(args.model):
-        raise BadInputError(f"{args.model}: no such file")
-    host, port = netron.serve(args.model, address=("127.0.0.1", args.port), browse=args.browse)
+    if args.port is not None and not 0 <= args.port < 65536:
+        raise BadInputError(f"--port {args.port}: a port is a number from 0 (any free one) to 65535")
+    open_model(args.model)  # the same checks as every command: a broken or unsafe file is refused here
+    try:
+        host, port = netron.serve(args.model, address=("127.0.0.1", args.port), browse=args.browse)
+    except OSError as exc:
+        raise BadInputError(f"127.0.0.1:{args.port}: cannot serve there ({exc.strerror or exc})") from None
     print(f"serving {args.model} at http://{host}:{port} (Ctrl-C to stop)", flush=True)
     netron.wait()
     return 0

@@ -11,8 +11,9 @@ import time
 
 from .errors import BadInputError, VerificationError
 from .graph.anatomy import analyse, nothing_to_rewrite
-from .pipeline import PassManager, PassResult
+from .pipeline import Pass, PassManager, PassResult
 from .store.model import LensModel
+from .verify import check_tolerance
 from .verify import verify as verify_models
 
 
@@ -34,6 +35,7 @@ def process(
     left alone: the report says "nothing to rewrite" and nothing is written.
     """
     start = time.perf_counter()
+    _check_arguments(src, dst, verify, tolerance, provider)
     src = os.fspath(src)
     if in_place:
         if dst is not None and os.path.abspath(os.fspath(dst)) != os.path.abspath(src):
@@ -80,10 +82,11 @@ def process(
                                    label_b=f"{dst} (as written)")
             report["verification"] = result.to_dict()
             if not result.ok:
+                why = result.nonfinite or (f"worst difference {result.max_rel_diff:.2e} of the logit scale "
+                                           f"exceeds {result.tolerance:.0e}")
                 raise VerificationError(
                     f"{src}: rewritten model is not equivalent (passes "
-                    f"{','.join(r.name for r in results if r.modified)}): worst difference "
-                    f"{result.max_rel_diff:.2e} of the logit scale exceeds {result.tolerance:.0e}; nothing was written"
+                    f"{','.join(r.name for r in results if r.modified)}): {why}; nothing was written"
                 )
     report.update(written=True, data_file=staged.data_path)
     report["seconds"] = time.perf_counter() - start
@@ -95,7 +98,22 @@ def _manager(passes) -> PassManager:
         return passes
     if isinstance(passes, str):
         return PassManager.parse(passes)
+    if passes is not None and (not isinstance(passes, (list, tuple)) or not all(isinstance(p, (str, Pass)) for p in passes)):
+        raise BadInputError(f"passes must be a pipeline string, a list of pass names or a PassManager, not {passes!r}")
     return PassManager(passes)
+
+
+def _check_arguments(src, dst, verify, tolerance, provider) -> None:
+    """Wrong argument types from Python get the same clear error as bad input on the command line."""
+    if not isinstance(src, (str, os.PathLike)):
+        raise BadInputError(f"src must be a path to an ONNX file, not {type(src).__name__}")
+    if dst is not None and not isinstance(dst, (str, os.PathLike)):
+        raise BadInputError(f"dst must be a path, not {type(dst).__name__}")
+    if not isinstance(verify, bool):
+        raise BadInputError(f"verify must be True or False, not {verify!r}")
+    check_tolerance(tolerance)
+    if not isinstance(provider, str):
+        raise BadInputError(f"provider must be an onnxruntime provider name, not {provider!r}")
 
 
 def summary(report: dict) -> str:
@@ -122,6 +140,8 @@ def summary(report: dict) -> str:
 
 
 def _why_unchanged(passes: list[dict]) -> str:
+    if not passes:
+        return "the pipeline is empty"
     if all(d["already_applied"] for d in passes):
         return "every pass was already applied"
     parts = []

@@ -10,11 +10,24 @@ import contextlib
 import sys
 
 _enabled = True
+_debug = False
 
 
 def set_enabled(enabled: bool) -> None:
     global _enabled
     _enabled = enabled
+
+
+def set_debug(debug: bool) -> None:
+    """--debug: libraries may log (onnxruntime's own messages are otherwise silenced)."""
+    global _debug
+    _debug = debug
+
+
+def runtime_log_level() -> int:
+    """onnxruntime's log severity: errors and worse with --debug, nothing otherwise (lensgraph
+    reports every failure itself, in one line)."""
+    return 3 if _debug else 4
 
 
 def _shown(enabled: bool = True) -> bool:

@@ -29,17 +29,26 @@ class VerifyResult:
     shapes: list = field(default_factory=list)
     provider: str = "CPUExecutionProvider"
     output: str = "logits"
+    nonfinite: str | None = None  # why non-finite logits make the models not equivalent
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         verdict = "equivalent" if self.ok else "NOT equivalent"
+        if self.nonfinite:
+            return f"{verdict}: {self.nonfinite} ({self.provider})"
         return (
             f"{verdict}: worst centred-logit difference {self.max_rel_diff:.2e} of the logit scale "
             f"(tolerance {self.tolerance:.0e}; {self.max_abs_diff:.2e} absolute; "
             f"shapes {', '.join(f'{b}x{s}' for b, s in self.shapes)}; {self.provider})"
         )
+
+
+def check_tolerance(tolerance) -> None:
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not tolerance > 0):
+        raise BadInputError(f"tolerance must be a positive number, not {tolerance!r}")
 
 
 def centred(logits: np.ndarray) -> np.ndarray:
@@ -62,6 +71,7 @@ def verify(
     and its session released before the rewritten model is loaded, so memory holds one
     model at a time, whatever its size.
     """
+    check_tolerance(tolerance)
     a = original if isinstance(original, Runner) else Runner(original, provider)
     label_a, output = a.label, a.output
     vocab = a.vocab_size()
@@ -72,16 +82,32 @@ def verify(
         runs.append((feeds, a.run(feeds)))
     del a
     b = rewritten if isinstance(rewritten, Runner) else Runner(rewritten, provider, label=label_b)
-    worst_abs, scale, dtype = 0.0, 0.0, None
+    worst_abs, scale, dtype, nonfinite, compared = 0.0, 0.0, None, None, 0
     for feeds, la in runs:
         lb = b.run(feeds)
         if la.shape != lb.shape:
             raise BadInputError(f"{label_a} and {b.label}: logits shapes differ: {la.shape} vs {lb.shape}")
         dtype = la.dtype
-        ca, cb = centred(la), centred(lb)
-        worst_abs = max(worst_abs, float(np.abs(ca - cb).max()))
-        scale = max(scale, float(np.abs(ca).max()))
+        nonfinite = nonfinite or _nonfinite_difference(la, lb)
+        rows = np.isfinite(la).all(axis=-1) & np.isfinite(lb).all(axis=-1)  # positions to compare
+        if rows.any():
+            ca, cb = centred(la[rows]), centred(lb[rows])
+            worst_abs = max(worst_abs, float(np.abs(ca - cb).max()))
+            scale = max(scale, float(np.abs(ca).max()))
+            compared += int(rows.sum())
+    if nonfinite is None and not compared:
+        nonfinite = "no position has finite logits in both models, so nothing could be compared"
     rel = worst_abs / max(scale, 1e-30)
     tol = tolerance if tolerance is not None else TOLERANCE.get(np.dtype(dtype), 1e-4)
-    ok = bool(np.isfinite(rel) and rel <= tol)
-    return VerifyResult(ok, rel, worst_abs, tol, scale, [list(s) for s in shapes], provider, output)
+    ok = bool(nonfinite is None and np.isfinite(rel) and rel <= tol)
+    return VerifyResult(ok, rel, worst_abs, tol, scale, [list(s) for s in shapes], provider, output, nonfinite)
+
+
+def _nonfinite_difference(a: np.ndarray, b: np.ndarray) -> str | None:
+    """Why the non-finite logits of two runs differ (NaN, +inf, -inf in other places), or None."""
+    for kind, test in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
+        in_a, in_b = test(a), test(b)
+        if not np.array_equal(in_a, in_b):
+            return (f"{kind} logits differ: {int(in_a.sum())} in the original, {int(in_b.sum())} "
+                    f"in the rewritten model")
+    return None

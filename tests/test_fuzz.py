@@ -1,15 +1,19 @@
 """Seeded mutation fuzzing: broken variants of real exports never crash lensgraph.
 
-Each case mutates an exported GPT-2 (drop a node, change a shape, corrupt a tensor, rename
-an edge, flip an attribute, swap inputs, truncate the file) and runs `process` and `inspect`
-through the CLI. Every run must either succeed, with an output that verifies as equivalent to
-its input, or fail with lensgraph's own error (exit 1, 2 or 3) and write nothing. Exit 4 (an
-uncaught exception) fails the test, with the seed and the mutation to reproduce it.
+Each case mutates an exported GPT-2, either as protobuf (drop a node, change a shape, corrupt
+a tensor, rename an edge, flip an attribute, swap inputs, truncate the file) or as bytes (a few
+random bytes flipped anywhere in the file), and runs `inspect`, `process`, `verify` and `hooks`
+through the CLI. Every run must either succeed (a processed output verifies as equivalent to
+its input) or fail with lensgraph's own one-line error (exit 1, 2 or 3), with no traceback and
+nothing written; the input never changes. Exit 4 (an uncaught exception) fails the test, with
+the seed and the mutation to reproduce it. No mutation makes a tensor more than 8x larger
+(a flipped varint could otherwise ask for gigabytes).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import onnx
@@ -18,8 +22,9 @@ import pytest
 from files import cli, snapshot
 from lensgraph.verify import verify
 
-# About 12 s; LENSGRAPH_FUZZ_CASES=2000 LENSGRAPH_FUZZ_SEED=40 explores further.
-CASES = int(os.environ.get("LENSGRAPH_FUZZ_CASES", 40))
+# About 80 s; LENSGRAPH_FUZZ_CASES=2000 LENSGRAPH_FUZZ_SEED=300 explores further.
+CASES = int(os.environ.get("LENSGRAPH_FUZZ_CASES", 300))
+GROWTH = 8  # no mutated tensor or graph dimension may exceed this many times its original size
 FIRST_SEED = int(os.environ.get("LENSGRAPH_FUZZ_SEED", 0))
 FORMS = ("torchscript17", "torchscript14", "dynamo")
 
@@ -113,6 +118,32 @@ def swap_inputs(model, rng):
 MUTATIONS = [drop_node, change_shape, corrupt_tensor, rename_edge, flip_attribute, swap_inputs]
 
 
+def _sizes(data: bytes) -> list[int] | None:
+    """Every tensor's element count and graph dimension, or None when the bytes do not parse."""
+    try:
+        model = onnx.ModelProto.FromString(data)
+    except Exception:
+        return None
+    sizes = [int(np.prod(t.dims)) for t in model.graph.initializer]
+    for v in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        sizes += [d.dim_value for d in v.type.tensor_type.shape.dim]
+    return sizes
+
+
+def flip_bytes(source: bytes, rng) -> tuple[bytes, str]:
+    """A few random bytes replaced, anywhere in the file; retried where that would grow a tensor."""
+    limit = GROWTH * max(_sizes(source))
+    for _ in range(20):
+        data = bytearray(source)
+        where = sorted(int(i) for i in rng.integers(0, len(data), int(rng.integers(1, 4))))
+        for i in where:
+            data[i] = int(rng.integers(256))
+        sizes = _sizes(bytes(data))
+        if sizes is None or max(sizes, default=0) <= limit:
+            return bytes(data), f"bytes {where} flipped"
+    return source[: len(source) // 2], "bytes flipped (fell back to a cut file)"
+
+
 def mutate(sources: dict[str, bytes], seed: int) -> tuple[bytes, str]:
     """One mutated model from `seed`: which export, which mutation, where."""
     rng = np.random.default_rng(seed)
@@ -121,6 +152,9 @@ def mutate(sources: dict[str, bytes], seed: int) -> tuple[bytes, str]:
     if rng.random() < 0.1:  # a truncated file, cut anywhere
         cut = int(rng.integers(1, len(source)))
         return source[:cut], f"{form}, file cut at byte {cut} of {len(source)}"
+    if rng.random() < 0.5:
+        data, what = flip_bytes(source, rng)
+        return data, f"{form}, {what}"
     model = onnx.ModelProto.FromString(source)
     mutation = _pick(rng, MUTATIONS)
     what = mutation(model, rng)
@@ -136,8 +170,16 @@ def sources(gpt2_exports):
     return found
 
 
-def test_mutated_models_never_crash(capsys, tmp_path, sources):
+def _failed_cleanly(command: str, label: str, code: int, err: str, failures: list) -> None:
+    if code not in (1, 2, 3):
+        failures.append(f"{command} {label}: exit {code}: {err.strip()}")
+    elif not err.startswith("lensgraph: error: ") or len(err.strip().splitlines()) != 1 or "Traceback" in err:
+        failures.append(f"{command} {label}: error is not one line: {err!r}")
+
+
+def test_mutated_models_never_crash(capsys, tmp_path, sources, gpt2_exports):
     outcomes, failures = {}, []
+    good = gpt2_exports["torchscript17"]
     for seed in range(FIRST_SEED, FIRST_SEED + CASES):
         data, what = mutate(sources, seed)
         case = tmp_path / f"case{seed}"
@@ -148,21 +190,28 @@ def test_mutated_models_never_crash(capsys, tmp_path, sources):
         label = f"seed {seed} ({what})"
 
         code, _, err = cli(capsys, "inspect", str(src))
-        if code not in (0, 2, 3):
-            failures.append(f"inspect {label}: exit {code}: {err.strip()}")
+        if code != 0:
+            _failed_cleanly("inspect", label, code, err, failures)
+        code, stdout, err = cli(capsys, "verify", str(src), good)
+        if code != 0 and not (code == 1 and stdout.startswith("NOT equivalent") and not err):
+            _failed_cleanly("verify", label, code, err, failures)
+        code, _, err = cli(capsys, "hooks", str(src), "-o", str(case / "hooks" / "h.onnx"))
+        if code != 0:
+            _failed_cleanly("hooks", label, code, err, failures)
+            if snapshot(case) != before:
+                failures.append(f"hooks {label}: failed but wrote {sorted(set(snapshot(case)) - set(before))}")
+        shutil.rmtree(case / "hooks", ignore_errors=True)
         code, stdout, err = cli(capsys, "process", str(src), "-o", str(out))
         outcomes[code] = outcomes.get(code, 0) + 1
         if code == 0:
             if out.exists() and not verify(str(src), str(out)).ok:
                 failures.append(f"process {label}: output is not equivalent")
-        elif code in (1, 2, 3):
-            if not err.startswith("lensgraph: error: ") or len(err.strip().splitlines()) != 1:
-                failures.append(f"process {label}: error is not one line: {err!r}")
+        else:
+            _failed_cleanly("process", label, code, err, failures)
             if snapshot(case) != before:
                 failures.append(f"process {label}: failed but wrote {sorted(set(snapshot(case)) - set(before))}")
-        else:
-            failures.append(f"process {label}: exit {code}: {err.strip()}")
         if snapshot(case).get("model.onnx") != before["model.onnx"]:
-            failures.append(f"process {label}: the input changed")
+            failures.append(f"{label}: the input changed")
+        shutil.rmtree(case)
     assert not failures, "\n".join(failures)
     assert outcomes.get(2, 0) > 0 and outcomes.get(0, 0) > 0, outcomes  # both paths were exercised

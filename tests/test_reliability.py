@@ -132,7 +132,7 @@ def test_internal_error_is_exit_4_with_one_line(capsys, tmp_path, good, monkeypa
     (["process", "MODEL", "-o", "x.onnx", "--external-data", "../x.data"], "plain file name"),
     (["process", "MODEL", "-o", "x.onnx", "--external-data", "x.onnx"], "output model's own name"),
     (["process", "MODEL", "-o", "MODEL"], "output would overwrite the input"),
-    (["process", "MODEL", "-o", "x.onnx", "--passes", ""], "empty pass pipeline"),
+    (["process", "MODEL", "-o", "x.onnx", "--external-data", ""], "external data must be a plain file name"),
     (["verify", "MODEL", "MODEL", "--provider", "NoSuchProvider"], "provider NoSuchProvider is not available"),
 ])
 def test_usage_errors_exit_2(tmp_path, good, args, message):

@@ -38,11 +38,11 @@ def value_index(model, attentions: list[Attention], provider: str = "CPUExecutio
             targets.append((k, att))
     if targets:
         with model.skeleton() as (proto, held_out):
-            _run(proto, held_out, targets, results, provider)
+            _run(proto, held_out, targets, results, provider, model.path or "the model")
     return results
 
 
-def _run(proto, held_out: dict, targets: list, results: list, provider: str) -> None:
+def _run(proto, held_out: dict, targets: list, results: list, provider: str, label: str) -> None:
     graph = proto.graph
     nodes: dict = {}
     for node in graph.node:
@@ -67,7 +67,7 @@ def _run(proto, held_out: dict, targets: list, results: list, provider: str) -> 
     if not live:
         return
     _prune(graph, [att.o.node.inputs[0].name for _, att in live])
-    runner = Runner(proto, provider, "probe")
+    runner = Runner(proto, provider, f"{label} (the value-bias probe)")
     runner.given = given
     wide = all(np.dtype(codes[k][1]).itemsize >= 4 for k, _ in live)
     base = WIDE_BASE if wide else BASE

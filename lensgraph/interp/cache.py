@@ -18,12 +18,13 @@ import os
 import numpy as np
 
 from ..errors import BadInputError
+from ..graph import match
 from ..graph.hookpoints import place
 from ..store.model import LensModel
 from ..store.runner import FLOAT_TYPES, Runner
 from .hooks import add_hooks, remove_hooks, select
 
-_FILES: dict[str, tuple[tuple, list[str]]] = {}  # path -> (file key, placeable points)
+_FILES: dict[str, tuple[tuple, list[str], tuple]] = {}  # path -> (file key, placeable points, id limits)
 _SESSIONS: dict[tuple, object] = {}
 
 
@@ -40,6 +41,8 @@ def session(model: str | os.PathLike, provider: str = "CPUExecutionProvider", po
 
 
 def _file_key(model) -> tuple[str, tuple]:
+    if not isinstance(model, (str, os.PathLike)):
+        raise BadInputError(f"model must be a file path or an onnxruntime InferenceSession, not {type(model).__name__}")
     path = os.path.abspath(os.fspath(model))
     if not os.path.isfile(path):
         raise BadInputError(f"{path}: no such file")
@@ -52,8 +55,17 @@ def _points(path: str, key: tuple) -> list[str]:
     if path not in _FILES or _FILES[path][0] != key:
         model = LensModel.load(path)
         remove_hooks(model)
-        _FILES[path] = (key, list(place(model.graph).points))
+        placement = place(model.graph)
+        _FILES[path] = (key, list(placement.points), _limits(placement.anatomy))
     return _FILES[path][1]
+
+
+def _limits(anatomy) -> tuple[int | None, int | None]:
+    """(vocabulary size, learned positions): the token ids and sequence lengths the model can take."""
+    vocab = anatomy.unembed.d_out if anatomy.unembed is not None else None
+    table = next((w for w in anatomy.writers if w.role == "pos_embed" and w.node is not None), None)
+    shape = match.const_shape(match.back(table.node.inputs[0], {"Identity"})[0]) if table is not None else None
+    return vocab, (shape[0] if shape else None)
 
 
 def _open(path: str, provider: str, names: list[str]):
@@ -73,15 +85,17 @@ def run_with_cache(model, input_ids, attention_mask=None, points=None, provider:
 
     if isinstance(model, ort.InferenceSession):
         sess = model
+        limits = (None, None)
         outputs = [o.name for o in sess.get_outputs()]
         logits = "logits" if "logits" in outputs else outputs[0]
         wanted = select([n for n in outputs if _is_point(n)], points)
     else:
         sess = session(model, provider, points)
+        limits = _FILES[_file_key(model)[0]][2]
         outputs = [o.name for o in sess.get_outputs()]
         logits = "logits" if "logits" in outputs else outputs[0]
         wanted = [n for n in outputs if _is_point(n)]  # not the KV cache's present.* outputs
-    values = sess.run([logits] + wanted, _feeds(sess, input_ids, attention_mask))
+    values = sess.run([logits] + wanted, _feeds(sess, _ids(input_ids, *limits), attention_mask))
     return values[0], dict(zip(wanted, values[1:]))
 
 
@@ -90,12 +104,25 @@ def _is_point(name: str) -> bool:
     return name.startswith(("hook_", "blocks.", "ln_final."))
 
 
-def _feeds(sess, input_ids, attention_mask) -> dict:
+def _ids(input_ids, vocab: int | None, positions: int | None) -> np.ndarray:
+    """The token ids as [batch, pos], refused where the model cannot take them (onnxruntime would
+    read a wrapped-around row for a negative id, or fail somewhere inside)."""
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None, :]
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise BadInputError(f"input_ids must be integers shaped [batch, pos], got {ids.dtype} {list(ids.shape)}")
+    if ids.size == 0:
+        raise BadInputError(f"input_ids is empty ({list(ids.shape)}): give at least one token")
+    if ids.min() < 0 or (vocab is not None and ids.max() >= vocab):
+        raise BadInputError(f"input_ids must lie in 0..{vocab - 1 if vocab else 'vocab - 1'}, got "
+                            f"{int(ids.min())}..{int(ids.max())}")
+    if positions is not None and ids.shape[1] > positions:
+        raise BadInputError(f"{ids.shape[1]} tokens are more than the model's {positions} learned positions")
+    return ids
+
+
+def _feeds(sess, ids: np.ndarray, attention_mask) -> dict:
     feeds = {}
     for inp in sess.get_inputs():
         dtype = np.int32 if inp.type == "tensor(int32)" else np.int64

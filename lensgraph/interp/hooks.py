@@ -21,14 +21,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.convenience import convert_attributes
-from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from .._version import __version__
 from ..errors import BadInputError
 from ..graph import match
-from ..graph.hookpoints import (AS_IS, BROADCAST, HEADS, NORMALIZED, PER_POSITION, SCALE, Placement, Point,
-                                place, template)
-from ..store.model import LensModel
+from ..graph.hookpoints import (
+    AS_IS,
+    BROADCAST,
+    HEADS,
+    NORMALIZED,
+    PER_POSITION,
+    SCALE,
+    Placement,
+    Point,
+    place,
+    template,
+)
+from ..store.model import LensModel, infer_shapes
 
 HOOK_KEY = "lensgraph.hook"
 HOOKS_KEY = "lensgraph.hooks"
@@ -50,6 +60,8 @@ def select(names: list[str], patterns: list[str] | None) -> list[str]:
         return list(names)
     if isinstance(patterns, str):
         patterns = [patterns]
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise BadInputError(f"points must be a list of glob strings over hook names, got {patterns!r}")
     chosen = []
     for pattern in patterns:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
@@ -88,7 +100,7 @@ def add_hooks(model: LensModel, points: list[str] | None = None) -> HookReport:
         else:
             report.unplaced[name] = placement.unplaced[name]
     model.graph.sort()
-    _infer_shapes(model.ir)
+    infer_shapes(model.ir, always=True)
     for out, rank in builder.ranks:  # graph outputs need a shape, if only a rank
         if out.shape is None and rank is not None:
             out.shape = ir.Shape([None] * rank)
@@ -109,13 +121,6 @@ def _summarise(names: list[str]) -> str:
         if t not in seen:
             seen.append(t)
     return ", ".join(seen)
-
-
-def _infer_shapes(model: ir.Model) -> None:
-    try:
-        ShapeInferencePass()(model)
-    except Exception:  # shapes are a convenience for viewers
-        pass
 
 
 class _Builder:
@@ -226,7 +231,7 @@ class _Builder:
         else:
             raise ValueError(point.form)
         out.dtype = v.dtype or self.float_type  # a graph output needs a type, if inference found none
-        self.ranks.append((out, 4 if point.form == HEADS else 3 if point.form != AS_IS else rank))
+        self.ranks.append((out, 3 if point.form not in (AS_IS, HEADS) else rank or 4))  # AS_IS: pattern or z
         self.graph.outputs.append(out)
 
     def _scale(self, point: Point, normalized: bool = False) -> ir.Value:

@@ -303,17 +303,30 @@ class Deferred:
                 block += p[first:last, None] * q
             yield first, block
 
-    def stored_values(self, dtype=np.float64) -> np.ndarray:
+    def stored_values(self, dtype=np.float64, name: str | None = None) -> np.ndarray:
         """The whole matrix in stored orientation as `dtype` (full size: for small uses)."""
         out = np.empty(self.src.shape, dtype)
         for first, block in self.blocks():
             np.copyto(out[first:first + len(block)], block, casting="unsafe")
+            check_fits(block, out[first:first + len(block)], name)
         return out
 
     def __array__(self, dtype=None, copy=None):
         arr = self.stored_values()
         arr = arr.T if self.flipped else arr
         return arr if dtype is None else arr.astype(dtype)
+
+
+def check_fits(exact: np.ndarray, stored: np.ndarray, name: str | None) -> None:
+    """Refuse a rewritten value that its tensor's dtype cannot hold (float16 stops at 65504):
+    stored as infinity it would turn the model's logits to NaN."""
+    if stored.dtype.kind != "f" or stored.dtype.itemsize >= 8 or np.isfinite(stored).all():
+        return
+    bad = ~np.isfinite(stored) & np.isfinite(exact)
+    if bad.any():
+        value = float(exact[bad].reshape(-1)[0])
+        raise LensError(f"tensor {name or '(unnamed)'}: the rewritten value {value:.6g} does not fit {stored.dtype} "
+                        f"(largest {float(np.finfo(stored.dtype).max):.6g}); nothing was written")
 
 
 def centring_tolerance(dtype) -> float:
@@ -394,7 +407,7 @@ class DeferredTensor(ir.LazyTensor):
         return _Tally(self.expected, self.matrix.src.shape, self.np_dtype) if self.expected else None
 
     def _full(self) -> ir.Tensor:
-        values = self.matrix.stored_values(self.np_dtype)
+        values = self.matrix.stored_values(self.np_dtype, self.name)
         tally = self._tally()
         if tally is not None:
             tally.add(values)
@@ -412,6 +425,7 @@ class DeferredTensor(ir.LazyTensor):
             for i, (_, block) in enumerate(self.matrix.blocks()):
                 out = buffers[i % 2][:len(block)]
                 np.copyto(out, block, casting="unsafe")
+                check_fits(block, out, self.name)
                 if tally is not None:
                     tally.add(out)
                 if pending is not None:

@@ -46,13 +46,19 @@ class LensModel:
         proto, data_files = open_model(path)
         try:
             model = ir.serde.deserialize_model(proto)
+            ir.serde.serialize_model(model)  # what cannot be written back (text that is not UTF-8) is refused now
         except Exception as exc:
-            raise BadInputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
+            cause = _innermost(exc)
+            what = "a name or text that is not valid UTF-8" if isinstance(cause, UnicodeError) else _first_line(cause)
+            raise BadInputError(f"{path}: not a readable ONNX model ({what})") from exc
+        raw = model.metadata_props.get(APPLIED_KEY)
+        if _applied(raw) is None:
+            raise BadInputError(f"{path}: metadata {APPLIED_KEY} is not a list of pass names ({raw[:60]!r})")
         _read_in_place(model, path)
         lens = cls(model, path)
         lens.input_files = [os.path.realpath(path), *sorted(data_files)]
         lens.external_input = bool(data_files)
-        _infer_shapes(model)
+        infer_shapes(model)
         return lens
 
     @property
@@ -62,11 +68,7 @@ class LensModel:
     # -- what was applied, and provenance ---------------------------------------------
     @property
     def applied(self) -> list[str]:
-        raw = self.ir.metadata_props.get(APPLIED_KEY)
-        try:
-            return list(json.loads(raw)) if raw else []
-        except ValueError:
-            return []
+        return _applied(self.ir.metadata_props.get(APPLIED_KEY)) or []
 
     def mark_applied(self, name: str) -> None:
         applied = self.applied
@@ -175,13 +177,28 @@ class LensModel:
         over 2 GB; its file is a plain name in the output's folder (default: OUTPUT.data).
         """
         path = os.path.abspath(os.fspath(path))
-        _infer_shapes(self.ir)  # for nodes a pass added: Netron draws every edge with its shape
+        infer_shapes(self.ir)  # for nodes a pass added: Netron draws every edge with its shape
         if external_data is None and (self.external_input or self.nbytes() > EXTERNAL_ABOVE):
             external_data = True
         data_name = None
-        if external_data:
-            data_name = external_data if isinstance(external_data, str) else os.path.basename(path) + ".data"
+        if isinstance(external_data, str):  # a name, checked by stage (an empty one is refused)
+            data_name = external_data
+        elif external_data:
+            data_name = os.path.basename(path) + ".data"
         return stage(self.ir, path, data_name, protected=self.input_files, replace_input=replace_input)
+
+
+def _applied(raw: str | None) -> list[str] | None:
+    """The pass names in the model's record of what was applied; None if it is not such a list."""
+    if not raw:
+        return []
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        return None
+    return names
 
 
 def _read_in_place(model: ir.Model, path: str) -> None:
@@ -206,14 +223,14 @@ def _read_in_place(model: ir.Model, path: str) -> None:
             value.const_value = file_tensor(where, tensor.offset or 0, tensor.dtype, tensor.shape, tensor.name)
 
 
-def _infer_shapes(model: ir.Model) -> None:
+def infer_shapes(model: ir.Model, always: bool = False) -> None:
     """Give intermediate tensors their shapes: ranks help matching, and Netron draws them.
 
     Skipped when every node output already has a type and shape (dynamo's exports carry
-    them all). A convenience, never a blocker: onnx-ir logs a failure with its traceback,
+    them all), unless `always` (nodes were just added). A convenience, never a blocker: onnx-ir logs a failure with its traceback,
     which would break the one-line error promise, so its logger is quietened for the call.
     """
-    if all(v.dtype is not None and v.shape is not None for node in model.graph for v in node.outputs):
+    if not always and all(v.dtype is not None and v.shape is not None for node in model.graph for v in node.outputs):
         return
     logger = logging.getLogger("onnx_ir.passes.common.shape_inference")
     level = logger.level
@@ -224,6 +241,12 @@ def _infer_shapes(model: ir.Model) -> None:
         pass
     finally:
         logger.setLevel(level)
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from ..errors import BadInputError
+from ..progress import runtime_log_level
 from .model import EXTERNAL_ABOVE, LensModel
 from .safety import open_model
 from .writer import write_model
@@ -34,8 +35,8 @@ class Runner:
         self.label = label or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else "rewritten model")
         source = self._source(model)
         options = ort.SessionOptions()
-        options.log_severity_level = 3
-        ort.set_default_logger_severity(3)
+        options.log_severity_level = runtime_log_level()
+        ort.set_default_logger_severity(runtime_log_level())
         available = ort.get_available_providers()
         if provider not in available:
             raise BadInputError(f"provider {provider} is not available (have: {', '.join(available)})")
@@ -46,6 +47,8 @@ class Runner:
         self.inputs = self.session.get_inputs()
         self.given: dict = {}  # inputs with fixed values (weights held out of the graph)
         names = [o.name for o in self.session.get_outputs()]
+        if not names:
+            raise BadInputError(f"{self.label}: the graph has no outputs")
         self.output = "logits" if "logits" in names else names[0]
 
     def _source(self, model):
@@ -99,7 +102,11 @@ class Runner:
 
     def vocab_size(self) -> int:
         rng = np.random.default_rng(0)
-        return int(self.run(self.feeds(1, 1, 1, rng)).shape[-1])
+        logits = self.run(self.feeds(1, 1, 1, rng))
+        if logits.ndim < 2 or logits.shape[-1] == 0:
+            raise BadInputError(f"{self.label}: output {self.output} has shape {list(logits.shape)}, "
+                                "not [batch, pos, vocab] logits")
+        return int(logits.shape[-1])
 
     def run(self, feeds: dict) -> np.ndarray:
         return self.run_many([self.output], feeds)[0]

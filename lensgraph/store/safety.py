@@ -20,6 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from ..errors import BadInputError, LensError
+from ..progress import runtime_log_level
 from . import wire
 
 SMALL_TENSOR = 1 << 16  # external tensors up to this size are read into memory on open
@@ -167,6 +168,8 @@ def check_external_data(proto: onnx.ModelProto, model_path: str) -> set[str]:
         location = info.get("location", "")
         if not location:
             raise BadInputError(f"{where}: external data has no location")
+        if location.endswith(("/", "\\")):
+            raise BadInputError(f"{where}: external data location {location!r} names a folder, not a file")
         if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
             raise BadInputError(f"{where}: external data location {location!r} is absolute; "
                                 "only files inside the model's folder are read")
@@ -179,6 +182,9 @@ def check_external_data(proto: onnx.ModelProto, model_path: str) -> set[str]:
                                 f"folder {folder} (through '..' or a symlink)")
         if not os.path.isfile(target):
             raise BadInputError(f"{where}: external data file {location!r} does not exist or is not a regular file")
+        if os.stat(target).st_nlink > 1:  # a hard link can share the bytes of any file on the machine
+            raise BadInputError(f"{where}: external data file {location!r} has {os.stat(target).st_nlink} hard "
+                                "links; refusing it, as it may be a file from outside the model's folder")
         offset, length = _int_entry(info, "offset", where), _int_entry(info, "length", where)
         needed = _nbytes(tensor)
         if length is not None and needed is not None and length != needed:
@@ -331,6 +337,7 @@ def _runtime_refuses(ir_version: int, domain: str, version: int) -> str | None:
     probe = helper.make_model(graph, opset_imports=imports, ir_version=ir_version)
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    ort.set_default_logger_severity(runtime_log_level())
     try:
         ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..graph import match
-from .deferred import Deferred, DeferredTensor, is_centred
+from .deferred import Deferred, DeferredTensor, check_fits, is_centred
 
 
 class WeightStore:
@@ -92,7 +92,10 @@ class WeightStore:
                 return DeferredTensor(array, dtype, name)
             array = np.asarray(array)
         dtype = np.dtype(dtype or array.dtype)
-        return ir.tensor(np.asarray(array).astype(dtype, order="C"), name=name)
+        exact = np.asarray(array)
+        stored = exact.astype(dtype, order="C")
+        check_fits(exact, stored, name)
+        return ir.tensor(stored, name=name)
 
     def write(self, node: ir.Node, idx: int, array: np.ndarray | Deferred, dtype=None) -> ir.Value:
         """Give input `idx` of `node` the constant `array`, without touching other users.
@@ -197,12 +200,12 @@ class LinearWeights:
             return
         name = f"{lin.source.name or lin.name}.bias"
         if lin.node.op_type == "Gemm":
-            value = self.store.new_initializer(name, c.astype(dtype))
+            value = self.store.new_initializer(name, np.asarray(c, np.float64), dtype)
             lin.node.resize_inputs(3)
             lin.node.replace_input_with(2, value)
             lin.bias = (lin.node, 2)
         else:
-            lin.bias = (self.add_after(lin.node, self.store.new_initializer(name, c.astype(dtype))), 1)
+            lin.bias = (self.add_after(lin.node, self.store.new_initializer(name, np.asarray(c, np.float64), dtype)), 1)
         self.store.written += 1
 
     def add_after(self, node: ir.Node, bias: ir.Value) -> ir.Node:
