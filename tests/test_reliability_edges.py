@@ -230,3 +230,13 @@ def test_report_is_written_whole(capsys, tmp_path, good):
     assert json.loads(report.read_text())["written"]
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
     shutil.rmtree(tmp_path)
+
+
+def test_hooks_on_a_graph_shape_inference_cannot_follow(capsys, tmp_path, good):
+    """LayerNormalization at opset 16 (an op onnxruntime has there, the ONNX standard not): shape
+    inference gives up, which is neither a traceback nor a reason to fail."""
+    src = _save_with(good, tmp_path / "m.onnx", lambda m: m.opset_import[0].__setattr__("version", 16))
+    out = tmp_path / "h.onnx"
+    code, _, err = cli(capsys, "hooks", src, "-o", out)
+    assert code == 0 and "Traceback" not in err, err
+    assert lensgraph.verify(src, str(out)).ok

@@ -276,7 +276,12 @@ def _writer(term: ir.Value, step, d_model: int | None, chain: Chain, norm_of_out
     node = source.producer()
     if match.is_const(source):
         holder = adder_of(term, step) or (step.node, 0)
-        return Writer("bias", "bias", source.name, holder[0], holder[1], value=term)
+        writer = Writer("bias", "bias", source.name, holder[0], holder[1], value=term)
+        reshaped = [p for p in passed if p.op_type != "Identity"]
+        if reshaped or not match.is_const(holder[0].inputs[holder[1]]):
+            writer.blocker = (f"the constant reaches the stream through {reshaped[0].op_type} {reshaped[0].name}"
+                              if reshaped else "the constant is not an input of the sum")
+        return writer
     if node is None:
         return Writer("other", "other", source.name, None, 0, value=term,
                       blocker=f"stream term {source.name} is a graph input, not a constant table")
