@@ -46,7 +46,6 @@ class Norm:
     terms: list = field(default_factory=list)  # fused residual sum (Skip*Normalization): its addends
     sum_bias: tuple[ir.Node, int] | None = None  # and the constant it adds
     role: str | None = None  # its place in the model (anatomy.py): reader, final, sublayer_output, head, ...
-    normalized: ir.Value | None = None  # the normalised tensor before scale and bias, where the graph has it
 
     @property
     def centring(self) -> bool:
@@ -91,21 +90,17 @@ def _skip_norm(node: ir.Node) -> Norm | None:
         if idx is not None and inputs[idx] is not None and _vector(inputs[idx]) is None:
             return None
     total = node.outputs[3] if len(node.outputs) > 3 and node.outputs[3].name else None
-    return Norm(
-        name=node.name or node.outputs[0].name,
-        kind=kind,
-        form=node.op_type,
-        input=total,
-        output=node.outputs[0],
-        entry_nodes=[node],
-        nodes=[node],
-        d_model=int(scale.size),
-        eps=float(match.attr(node, "epsilon", 1e-5)),
-        scale=(node, 2),
-        bias=(node, bias_idx) if bias_idx is not None and inputs[bias_idx] is not None else None,
-        terms=[node.inputs[0], node.inputs[1]],
-        sum_bias=(node, sum_bias_idx) if inputs[sum_bias_idx] is not None else None,
-    )
+    return _fused(node, kind, total, scale, 2,
+                  bias=(node, bias_idx) if bias_idx is not None and inputs[bias_idx] is not None else None,
+                  terms=[node.inputs[0], node.inputs[1]],
+                  sum_bias=(node, sum_bias_idx) if inputs[sum_bias_idx] is not None else None)
+
+
+def _fused(node: ir.Node, kind: str, x: ir.Value | None, scale: np.ndarray, scale_idx: int, **more) -> Norm:
+    """A norm computed by one node, its scale at input `scale_idx`."""
+    return Norm(name=node.name or node.outputs[0].name, kind=kind, form=node.op_type, input=x,
+                output=node.outputs[0], entry_nodes=[node], nodes=[node], d_model=int(scale.size),
+                eps=float(match.attr(node, "epsilon", 1e-5)), scale=(node, scale_idx), **more)
 
 
 def _vector(value: ir.Value | None) -> np.ndarray | None:
@@ -125,19 +120,7 @@ def _fused_layernorm(node: ir.Node) -> Norm | None:
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
     if has_bias and _vector(node.inputs[2]) is None:
         return None
-    return Norm(
-        name=node.name or node.outputs[0].name,
-        kind="layernorm",
-        form="LayerNormalization",
-        input=x,
-        output=node.outputs[0],
-        entry_nodes=[node],
-        nodes=[node],
-        d_model=int(scale.size),
-        eps=float(match.attr(node, "epsilon", 1e-5)),
-        scale=(node, 1),
-        bias=(node, 2) if has_bias else None,
-    )
+    return _fused(node, "layernorm", x, scale, 1, bias=(node, 2) if has_bias else None)
 
 
 def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
@@ -169,24 +152,19 @@ def _decomposed_layernorm(div: ir.Node) -> Norm | None:
         return None
     power, var, add_eps, eps = core
     nodes = [mean, sub, power, var, add_eps, sqrt, div]
-    out, scale, bias, d_model = _scale_and_bias(div.outputs[0], nodes, _last_dim(x), with_bias=True)
+    return _decomposed("layernorm", _scope(sub.name) or div.name, x, div.outputs[0], nodes, (mean, sub), eps)
+
+
+def _decomposed(kind: str, name: str, x: ir.Value, normalised: ir.Value, nodes: list, entry: tuple,
+                eps) -> Norm | None:
+    """A decomposed norm, from the tensor it normalises and its normalised tensor: the scale (and a
+    LayerNorm's bias) applied after it complete the match."""
+    out, scale, bias, d_model = _scale_and_bias(normalised, nodes, _last_dim(x), with_bias=kind == "layernorm")
     if d_model is None:
         return None
-    entry = [u.node for u in x.uses() if u.node in (mean, sub)]
-    return Norm(
-        name=_scope(sub.name) or div.name,
-        kind="layernorm",
-        form="decomposed",
-        input=x,
-        output=out,
-        entry_nodes=entry,
-        nodes=nodes,
-        d_model=d_model,
-        eps=float(np.asarray(eps).reshape(-1)[0]),
-        scale=scale,
-        bias=bias,
-        normalized=div.outputs[0],
-    )
+    return Norm(name=name, kind=kind, form="decomposed", input=x, output=out,
+                entry_nodes=[u.node for u in x.uses() if u.node in entry], nodes=nodes, d_model=d_model,
+                eps=float(np.asarray(eps).reshape(-1)[0]), scale=scale, bias=bias)
 
 
 def _scale_and_bias(out: ir.Value, nodes: list, d_model, with_bias: bool):
@@ -222,18 +200,7 @@ def _fused_rmsnorm(node: ir.Node) -> Norm | None:
     scale = _vector(node.inputs[1])
     if scale is None:
         return None
-    return Norm(
-        name=node.name or node.outputs[0].name,
-        kind="rmsnorm",
-        form=node.op_type,
-        input=x,
-        output=node.outputs[0],
-        entry_nodes=[node],
-        nodes=[node],
-        d_model=int(scale.size),
-        eps=float(match.attr(node, "epsilon", 1e-5)),
-        scale=(node, 1),
-    )
+    return _fused(node, "rmsnorm", x, scale, 1)
 
 
 def _root_mean_square(sqrt: ir.Node):
@@ -287,23 +254,8 @@ def _decomposed_rmsnorm(sqrt: ir.Node) -> Norm | None:
             return None
         normalised = use[0]
     nodes.append(normalised)
-    out, scale, _, d_model = _scale_and_bias(normalised.outputs[0], nodes, _last_dim(x), with_bias=False)
-    if d_model is None:
-        return None
-    entry = [u.node for u in x.uses() if u.node in (power, normalised)]
-    return Norm(
-        name=_scope(sqrt.name) or sqrt.name,
-        kind="rmsnorm",
-        form="decomposed",
-        input=x,
-        output=out,
-        entry_nodes=entry,
-        nodes=nodes,
-        d_model=d_model,
-        eps=float(np.asarray(eps).reshape(-1)[0]),
-        scale=scale,
-        normalized=normalised.outputs[0],
-    )
+    return _decomposed("rmsnorm", _scope(sqrt.name) or sqrt.name, x, normalised.outputs[0], nodes,
+                       (power, normalised), eps)
 
 
 def _last_dim(value: ir.Value) -> int | None:
