@@ -27,7 +27,7 @@ from . import match
 from .linear import LINEAR_OPS, Linear, as_linear, linear_producing
 from .norms import Norm, find_norms
 from .stream import Chain, adder_of, trace
-from .sublayers import attention_parts, mlp_inputs, value_source
+from .sublayers import attention_parts, fused_attention, fused_values, mlp_inputs, value_source
 
 ROLE_REASONS = {
     "sublayer_output": "sublayer-output norm: it normalises a sublayer's output before the residual Add, "
@@ -69,7 +69,7 @@ class Attention:
     layer: int | None
     v: Linear
     o: Linear
-    pv: ir.Node  # the probabilities @ values MatMul
+    pv: ir.Node  # the probabilities @ values MatMul, or onnxruntime's fused attention op
     n_groups: int = 1  # query heads per value head, where q/k/v are separate maps
     blocker: str | None = None
     softmax: ir.Node | None = None
@@ -320,7 +320,7 @@ def _writer(term: ir.Value, step, d_model: int | None, chain: Chain, norm_of_out
 def _linear_writer(lin: Linear, term: ir.Value, d_model: int | None) -> Writer:
     lin.layer = layer_of(lin.node)
     parts = attention_parts(lin)
-    if not isinstance(parts, str):
+    if not isinstance(parts, str) or fused_attention(lin) is not None:
         role, why = "attn_out", None
     else:
         hidden = mlp_inputs(lin)
@@ -384,8 +384,9 @@ def _find_attention(anatomy: Anatomy) -> None:
         if writer.role != "attn_out":
             continue
         o = writer.linear
-        softmax, pv = attention_parts(o)
-        path = value_source(pv)
+        fused = fused_attention(o)
+        softmax, pv = (None, fused) if fused is not None else attention_parts(o)
+        path = fused_values(fused) if fused is not None else value_source(pv)
         if isinstance(path, str):
             anatomy.notes.append(f"attention {o.name}: {path}")
             continue

@@ -29,7 +29,7 @@ import onnx_ir as ir
 from . import match
 from .anatomy import Anatomy, Writer, analyse
 from .norms import Norm
-from .sublayers import attention_parts
+from .sublayers import attention_parts, fused_attention
 
 # TransformerLens's names, in its order; {l} is the layer.
 GLOBAL_POINTS = ("hook_embed", "hook_pos_embed")
@@ -212,6 +212,10 @@ def _term(name: str, writer: Writer, anatomy: Anatomy) -> Point | str:
 
 def _attention_parts(writer: Writer) -> tuple[ir.Node, ir.Node] | str:
     """The Softmax and the probabilities-times-values MatMul that feed this output projection."""
+    fused = fused_attention(writer.linear)
+    if fused is not None:
+        return (f"attention is one {fused.op_type} op ({fused.name}): its pattern and per-head outputs "
+                "exist only inside it")
     return attention_parts(writer.linear)
 
 
@@ -233,6 +237,10 @@ def _pattern(name: str, writer: Writer) -> Point | str:
 
 
 def _z(name: str, writer: Writer) -> Point | str:
+    fused = fused_attention(writer.linear)
+    if fused is not None:
+        return (f"{fused.op_type} {fused.name} gives its heads merged: the split per head is not placed "
+                "for fused attention")
     parts = _attention_parts(writer)
     if isinstance(parts, str):
         return parts

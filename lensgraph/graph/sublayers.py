@@ -40,6 +40,38 @@ def softmax_of(value: ir.Value) -> ir.Node | None:
     return node if node is not None and node.op_type == "Softmax" else None
 
 
+@dataclass(eq=False)
+class ValuePath:
+    v: Linear  # the linear map making the values (a packed q|k|v map included)
+    passed: list[ir.Node]
+
+
+FUSED_ATTENTION = ("GroupQueryAttention", "MultiHeadAttention")  # onnxruntime's, com.microsoft
+
+
+def fused_attention(o: Linear) -> ir.Node | None:
+    """The onnxruntime attention op (softmax(q k^T) v inside one node) feeding projection `o`."""
+    x, _ = match.back(o.node.inputs[0], match.LAYOUT_OPS)
+    node = x.producer()
+    if node is not None and node.domain == "com.microsoft" and node.op_type in FUSED_ATTENTION and x is node.outputs[0]:
+        return node
+    return None
+
+
+def fused_values(node: ir.Node) -> ValuePath | str:
+    """The linear map making a fused attention op's values: its value input, or the packed q|k|v
+    input when the key and value inputs are empty."""
+    inputs = list(node.inputs) + [None] * 3
+    source = inputs[2] if inputs[1] is not None and inputs[2] is not None else inputs[0]
+    v, passed = match.back(source, VALUE_PATH_OPS)
+    lin = linear_producing(v)
+    if lin is None:
+        return f"the values of {node.op_type} {node.name} do not come from a linear map"
+    if any(n is not node and n not in passed for n, _ in match.value_uses(lin.out)):
+        return f"the values of {node.name} are also read outside it"
+    return ValuePath(lin, passed)
+
+
 def attention_parts(o: Linear) -> tuple[ir.Node, ir.Node] | str:
     """(Softmax, probabilities @ values MatMul) feeding output projection `o`, or why not."""
     x, _ = match.back(o.node.inputs[0], match.LAYOUT_OPS)
@@ -50,12 +82,6 @@ def attention_parts(o: Linear) -> tuple[ir.Node, ir.Node] | str:
     if softmax is None:
         return f"{o.name}: the attention probabilities do not come from a Softmax"
     return softmax, pv
-
-
-@dataclass(eq=False)
-class ValuePath:
-    v: Linear  # the linear map making the values (a packed q|k|v map included)
-    passed: list[ir.Node]
 
 
 def value_source(pv: ir.Node) -> ValuePath | str:

@@ -33,6 +33,7 @@ class Runner:
 
         self._tmp = None
         self.label = label or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else "rewritten model")
+        self.cache_dims: dict[str, int] = {}  # KV-cache input -> head size, where only a fused op says it
         source = self._source(model)
         options = ort.SessionOptions()
         options.log_severity_level = runtime_log_level()
@@ -53,14 +54,16 @@ class Runner:
 
     def _source(self, model):
         if isinstance(model, (str, os.PathLike)):
-            open_model(os.fspath(model))
+            self.cache_dims = fused_cache_dims(open_model(os.fspath(model))[0].graph)
             return os.fspath(model)
         if isinstance(model, LensModel):  # streamed to a private folder: no whole-model copy in memory
             self._tmp = tempfile.TemporaryDirectory()
             path = os.path.join(self._tmp.name, "model.onnx")
             write_model(model.ir, path, "model.onnx.data" if model.nbytes() > EXTERNAL_ABOVE else None)
+            self.cache_dims = fused_cache_dims(open_model(path)[0].graph)
             return path
         if isinstance(model, onnx.ModelProto):
+            self.cache_dims = fused_cache_dims(model.graph)
             if model.ByteSize() < 2**31 - 2**20:
                 return model.SerializeToString()
             self._tmp = tempfile.TemporaryDirectory()
@@ -79,7 +82,9 @@ class Runner:
             if "past" in name and inp.type in FLOAT_TYPES:
                 # an empty cache: each graph's own cache differs (a folded value bias is not in it)
                 dims = [d if isinstance(d, int) else None for d in inp.shape]
-                if len(dims) < 2 or dims[0] is not None or any(d is None for d in dims[1:-2]):
+                if len(dims) == 4 and dims[3] is None:
+                    dims[3] = self.cache_dims.get(name)
+                if len(dims) < 2 or dims[0] is not None or any(d is None for d in dims[1:-2] + dims[-1:]):
                     raise BadInputError(f"{self.label}: cannot make an empty cache for input {name} {inp.shape}")
                 shape = [batch] + [0 if d is None else d for d in dims[1:]]
                 feeds[name] = np.zeros(shape, FLOAT_TYPES[inp.type])
@@ -116,3 +121,42 @@ class Runner:
             return self.session.run(names, feeds)
         except Exception as exc:
             raise BadInputError(f"{self.label}: onnxruntime failed to run it ({str(exc).splitlines()[0][:300]})") from exc
+
+
+def fused_cache_dims(graph: onnx.GraphProto) -> dict[str, int]:
+    """{past key/value input: head size} for caches read by onnxruntime's fused attention ops
+    (GroupQueryAttention, MultiHeadAttention), which declare the head size symbolically: it is
+    the query projection's width over the number of query heads (a packed q|k|v map counts the
+    key and value heads too)."""
+    widths = {t.name: int(t.dims[1]) for t in graph.initializer if len(t.dims) == 2}
+    for v in graph.input:  # weights held out of the graph as inputs (the value-bias probe)
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) == 2 and dims[1].dim_value:
+            widths[v.name] = int(dims[1].dim_value)
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def width(name: str) -> int | None:
+        for _ in range(4):  # through a bias Add, a Cast, a Reshape
+            node = producers.get(name)
+            if node is None:
+                return None
+            if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in widths:
+                return widths[node.input[1]]
+            name = node.input[0]
+        return None
+
+    found = {}
+    for node in graph.node:
+        if node.domain != "com.microsoft" or node.op_type not in ("GroupQueryAttention", "MultiHeadAttention"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        heads, kv_heads = attrs.get("num_heads"), attrs.get("kv_num_heads", attrs.get("num_heads"))
+        q = width(node.input[0]) if node.input else None
+        if not heads or not q:
+            continue
+        packed = len(node.input) < 3 or not node.input[1]
+        size = q // (heads + 2 * kv_heads) if packed else q // heads
+        for name in node.input[3:5]:
+            if name:
+                found[name] = size
+    return found
