@@ -12,6 +12,7 @@ import time
 from .errors import BadInputError, VerificationError
 from .graph.anatomy import analyse, nothing_to_rewrite
 from .pipeline import Pass, PassManager, PassResult
+from .store.folder import StagedFolder, is_model_folder, model_file
 from .store.model import LensModel
 from .verify import check_tolerance
 from .verify import verify as verify_models
@@ -37,6 +38,9 @@ def process(
     start = time.perf_counter()
     _check_arguments(src, dst, verify, tolerance, provider)
     src = os.fspath(src)
+    if is_model_folder(src):
+        return _process_folder(src, dst, in_place, passes=passes, verify=verify, external_data=external_data,
+                               provider=provider, tolerance=tolerance, progress=progress)
     if in_place:
         if dst is not None and os.path.abspath(os.fspath(dst)) != os.path.abspath(src):
             raise BadInputError("give an output path or in_place, not both")
@@ -90,6 +94,33 @@ def process(
                 )
     report.update(written=True, data_file=staged.data_path)
     report["seconds"] = time.perf_counter() - start
+    return report
+
+
+def _process_folder(src: str, dst, in_place: bool, **options) -> dict:
+    """An onnxruntime-genai folder: its model processed, every other file copied unchanged, the
+    whole written beside the target and renamed into place (see store/folder.py)."""
+    if in_place or dst is None:
+        raise BadInputError(f"{src}: give the output folder with -o (a model folder is not replaced in place)")
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise BadInputError(f"{dst}: the output folder is the input folder")
+    model = model_file(src)
+    staged = StagedFolder(dst)
+    try:
+        inner = os.path.join(staged.path, os.path.basename(model))
+        report = process(model, inner, **options)
+        if not report["written"]:
+            staged.discard()
+            report["output"] = dst
+            return report
+        staged.copy_from(src, {os.path.realpath(f) for f in report["input_files"]})
+        report.update(folder_input=src, output=os.path.join(dst, os.path.basename(model)),
+                      data_file=os.path.join(dst, os.path.basename(report["data_file"])) if report["data_file"] else None)
+        staged.commit(report)
+    except BaseException:
+        staged.discard()
+        raise
     return report
 
 

@@ -26,7 +26,7 @@ import onnx_ir as ir
 from . import match
 from .linear import LINEAR_OPS, Linear, as_linear, linear_producing
 from .norms import Norm, find_norms
-from .stream import Chain, adder_of, trace
+from .stream import TABLE_PATH_OPS, Chain, adder_of, trace
 from .sublayers import attention_parts, fused_attention, fused_values, mlp_inputs, value_source
 
 ROLE_REASONS = {
@@ -263,10 +263,12 @@ def _find_stream(anatomy: Anatomy, chain: Chain) -> None:
 
 
 def _embedding(gather: ir.Node, value: ir.Value, role: str, d_model: int | None) -> Writer:
-    table, _ = match.back(gather.inputs[0], {"Identity"})
+    table, path = match.back(gather.inputs[0], TABLE_PATH_OPS)
     writer = Writer("embed", role, table.name or gather.name, gather, 0, value=value)
     shape = match.const_shape(table)
-    if d_model is not None and shape is not None and shape[1] != d_model:
+    if any(p.op_type == "Transpose" for p in path):
+        writer.blocker = f"the table is read through {path[0].op_type} {path[0].name} (the unembedding's weight)"
+    elif d_model is not None and shape is not None and shape[1] != d_model:
         writer.blocker = f"table has {shape[1]} columns, not d_model={d_model}"
     return writer
 

@@ -24,6 +24,7 @@ from .linear import linear_producing
 from .norms import Norm
 
 SCALE_OPS = {"Mul"}  # a constant scalar applied to the embedding (Gemma's sqrt(d_model))
+TABLE_PATH_OPS = {"Identity", "Transpose"}  # onnxruntime-genai reads a tied table as the unembedding's weight transposed
 
 
 @dataclass(eq=False)
@@ -104,7 +105,7 @@ def token_embedding(graph: ir.Graph, vocab: int | None) -> tuple[ir.Node | None,
     for node in graph:
         if node.op_type != "Gather" or node.domain != "" or match.attr(node, "axis", 0) != 0:
             continue
-        shape = match.const_shape(match.back(node.inputs[0], {"Identity"})[0])
+        shape = match.const_shape(match.back(node.inputs[0], TABLE_PATH_OPS)[0])
         ids, _ = match.back(node.inputs[1], match.ROW_NOOPS)
         if shape is None or len(shape) != 2 or not ids.is_graph_input():
             continue
