@@ -108,13 +108,13 @@ def _process_folder(src: str, dst, in_place: bool, **options) -> dict:
     model = model_file(src)
     staged = StagedFolder(dst)
     try:
+        staged.copy_from(src, {os.path.realpath(model)} | {os.path.realpath(f) for f in _data_files(model)})
         inner = os.path.join(staged.path, os.path.basename(model))
         report = process(model, inner, **options)
         if not report["written"]:
             staged.discard()
             report["output"] = dst
             return report
-        staged.copy_from(src, {os.path.realpath(f) for f in report["input_files"]})
         report.update(folder_input=src, output=os.path.join(dst, os.path.basename(model)),
                       data_file=os.path.join(dst, os.path.basename(report["data_file"])) if report["data_file"] else None)
         staged.commit(report)
@@ -122,6 +122,12 @@ def _process_folder(src: str, dst, in_place: bool, **options) -> dict:
         staged.discard()
         raise
     return report
+
+
+def _data_files(model: str) -> list[str]:
+    from .store.atomic import data_files_of
+
+    return [os.path.join(os.path.dirname(model), name) for name in data_files_of(model)]
 
 
 def _manager(passes) -> PassManager:

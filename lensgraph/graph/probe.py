@@ -20,7 +20,7 @@ import math
 import numpy as np
 from onnx import helper
 
-from ..store.runner import Runner
+from ..store.runner import Runner, config_cache_dims
 from .anatomy import Attention
 
 BASE = 64  # digits of a column's code: 1..BASE stay exact (to 0.25) in float16 through attention
@@ -38,11 +38,12 @@ def value_index(model, attentions: list[Attention], provider: str = "CPUExecutio
             targets.append((k, att))
     if targets:
         with model.skeleton() as (proto, held_out):
-            _run(proto, held_out, targets, results, provider, model.path or "the model")
+            _run(proto, held_out, targets, results, provider, model.path)
     return results
 
 
-def _run(proto, held_out: dict, targets: list, results: list, provider: str, label: str) -> None:
+def _run(proto, held_out: dict, targets: list, results: list, provider: str, path: str | None) -> None:
+    label = path or "the model"
     graph = proto.graph
     nodes: dict = {}
     for node in graph.node:
@@ -67,7 +68,7 @@ def _run(proto, held_out: dict, targets: list, results: list, provider: str, lab
     if not live:
         return
     _prune(graph, [att.o.node.inputs[0].name for _, att in live])
-    runner = Runner(proto, provider, f"{label} (the value-bias probe)")
+    runner = Runner(proto, provider, f"{label} (the value-bias probe)", cache_dims=config_cache_dims(path))
     runner.given = given
     wide = all(np.dtype(codes[k][1]).itemsize >= 4 for k, _ in live)
     base = WIDE_BASE if wide else BASE

@@ -63,13 +63,7 @@ def fused_values(node: ir.Node) -> ValuePath | str:
     input when the key and value inputs are empty."""
     inputs = list(node.inputs) + [None] * 3
     source = inputs[2] if inputs[1] is not None and inputs[2] is not None else inputs[0]
-    v, passed = match.back(source, VALUE_PATH_OPS)
-    lin = linear_producing(v)
-    if lin is None:
-        return f"the values of {node.op_type} {node.name} do not come from a linear map"
-    if any(n is not node and n not in passed for n, _ in match.value_uses(lin.out)):
-        return f"the values of {node.name} are also read outside it"
-    return ValuePath(lin, passed)
+    return _trace_values(source, node)
 
 
 def attention_parts(o: Linear) -> tuple[ir.Node, ir.Node] | str:
@@ -86,10 +80,17 @@ def attention_parts(o: Linear) -> tuple[ir.Node, ir.Node] | str:
 
 def value_source(pv: ir.Node) -> ValuePath | str:
     """Walk from the attention product back to the linear map that makes the values."""
-    v, passed = match.back(pv.inputs[1], VALUE_PATH_OPS)
+    return _trace_values(pv.inputs[1], pv)
+
+
+def _trace_values(start: ir.Value, consumer: ir.Node) -> ValuePath | str:
+    """From the values `consumer` reads back to the linear map making them: through re-layouts,
+    grouped-query repeats and a KV cache's Concat of past and new values."""
+    v, passed = match.back(start, VALUE_PATH_OPS)
     node = v.producer()
-    while node is not None and node.op_type == "Concat":  # a KV cache: past values ++ new values
-        live = [i for i in node.inputs if i is not None and not match.back(i)[0].is_graph_input()]
+    while node is not None and node.op_type in ("Concat", "Expand"):
+        live = [i for i in node.inputs if i is not None and not match.is_const(i)
+                and not match.back(i)[0].is_graph_input()]
         if len(live) != 1:
             break
         passed.append(node)
@@ -100,12 +101,12 @@ def value_source(pv: ir.Node) -> ValuePath | str:
     if lin is None:
         node = v.producer()
         return f"values come from {node.op_type if node else 'a graph input'}, not a linear map"
-    # Everything between the values' own slice and the product must serve only this product
-    # (a KV-cache output may also read it).
+    # Everything between the values' own slice and the consumer must serve only it (a KV-cache
+    # output may also read it).
     for node in passed:
         if node.op_type in ("Slice", "Split"):
             break
-        if any(n is not pv and n not in passed for n, _ in match.value_uses(node.outputs[0])):
+        if any(n is not consumer and n not in passed for n, _ in match.value_uses(node.outputs[0])):
             return f"values at {node.name} are also read outside the attention product"
     return ValuePath(lin, passed)
 

@@ -6,6 +6,7 @@ Verification, the value-bias probe and run_with_cache all run models through it.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -28,13 +29,15 @@ class Runner:
     read external data from outside its folder.
     """
 
-    def __init__(self, model, provider: str = "CPUExecutionProvider", label: str | None = None):
+    def __init__(self, model, provider: str = "CPUExecutionProvider", label: str | None = None,
+                 cache_dims: dict | None = None):
         import onnxruntime as ort
 
         self._tmp = None
         self.label = label or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else "rewritten model")
         self.cache_dims: dict[str, int] = {}  # KV-cache input -> head size, where only a fused op says it
         source = self._source(model)
+        self.cache_dims.update(cache_dims or {})
         options = ort.SessionOptions()
         options.log_severity_level = runtime_log_level()
         ort.set_default_logger_severity(runtime_log_level())
@@ -54,13 +57,14 @@ class Runner:
 
     def _source(self, model):
         if isinstance(model, (str, os.PathLike)):
-            self.cache_dims = fused_cache_dims(open_model(os.fspath(model))[0].graph)
+            self.cache_dims = {**config_cache_dims(os.fspath(model)),
+                               **fused_cache_dims(open_model(os.fspath(model))[0].graph)}
             return os.fspath(model)
         if isinstance(model, LensModel):  # streamed to a private folder: no whole-model copy in memory
             self._tmp = tempfile.TemporaryDirectory()
             path = os.path.join(self._tmp.name, "model.onnx")
             write_model(model.ir, path, "model.onnx.data" if model.nbytes() > EXTERNAL_ABOVE else None)
-            self.cache_dims = fused_cache_dims(open_model(path)[0].graph)
+            self.cache_dims = {**config_cache_dims(model.path), **fused_cache_dims(open_model(path)[0].graph)}
             return path
         if isinstance(model, onnx.ModelProto):
             self.cache_dims = fused_cache_dims(model.graph)
@@ -121,6 +125,22 @@ class Runner:
             return self.session.run(names, feeds)
         except Exception as exc:
             raise BadInputError(f"{self.label}: onnxruntime failed to run it ({str(exc).splitlines()[0][:300]})") from exc
+
+
+def config_cache_dims(model_path: str | None) -> dict[str, int]:
+    """{past key/value input: head size} from the genai_config.json beside a model, if there is one
+    (onnxruntime-genai declares the cache's head size symbolically in the graph)."""
+    if not model_path:
+        return {}
+    config = os.path.join(os.path.dirname(os.path.abspath(model_path)), "genai_config.json")
+    try:
+        with open(config) as f:
+            decoder = json.load(f)["model"]["decoder"]
+        size, layers = int(decoder["head_size"]), int(decoder["num_hidden_layers"])
+        names = [decoder["inputs"][k] for k in ("past_key_names", "past_value_names")]
+        return {name % layer: size for name in names for layer in range(layers)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def fused_cache_dims(graph: onnx.GraphProto) -> dict[str, int]:
