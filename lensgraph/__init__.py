@@ -3,6 +3,7 @@
 from ._version import __version__
 from .errors import BadInputError, LensError, VerificationError
 from .interp.cache import run_with_cache
+from .interp.generate import Generation, generate
 from .interp.hooks import add_hooks
 from .pipeline import DEFAULT_PIPELINE, Pass, PassManager, PassResult
 from .process import process
@@ -10,6 +11,6 @@ from .store.model import LensModel
 from .verify import verify
 
 __all__ = [
-    "BadInputError", "DEFAULT_PIPELINE", "LensError", "LensModel", "Pass", "PassManager",
-    "PassResult", "VerificationError", "add_hooks", "process", "run_with_cache", "verify", "__version__",
+    "BadInputError", "DEFAULT_PIPELINE", "Generation", "LensError", "LensModel", "Pass", "PassManager",
+    "PassResult", "VerificationError", "add_hooks", "generate", "process", "run_with_cache", "verify", "__version__",
 ]

@@ -88,23 +88,23 @@ def run_with_cache(model, input_ids, attention_mask=None, points=None, provider:
         limits = (None, None)
         outputs = [o.name for o in sess.get_outputs()]
         logits = "logits" if "logits" in outputs else outputs[0]
-        wanted = select([n for n in outputs if _is_point(n)], points)
+        wanted = select([n for n in outputs if is_point(n)], points)
     else:
         sess = session(model, provider, points)
         limits = _FILES[_file_key(model)[0]][2]
         outputs = [o.name for o in sess.get_outputs()]
         logits = "logits" if "logits" in outputs else outputs[0]
-        wanted = [n for n in outputs if _is_point(n)]  # not the KV cache's present.* outputs
-    values = sess.run([logits] + wanted, _feeds(sess, _ids(input_ids, *limits), attention_mask))
+        wanted = [n for n in outputs if is_point(n)]  # not the KV cache's present.* outputs
+    values = sess.run([logits] + wanted, _feeds(sess, token_ids(input_ids, *limits), attention_mask))
     return values[0], dict(zip(wanted, values[1:]))
 
 
-def _is_point(name: str) -> bool:
+def is_point(name: str) -> bool:
     """Whether a graph output is a hook point (named as TransformerLens names them)."""
     return name.startswith(("hook_", "blocks.", "ln_final."))
 
 
-def _ids(input_ids, vocab: int | None, positions: int | None) -> np.ndarray:
+def token_ids(input_ids, vocab: int | None, positions: int | None) -> np.ndarray:
     """The token ids as [batch, pos], refused where the model cannot take them (onnxruntime would
     read a wrapped-around row for a negative id, or fail somewhere inside)."""
     ids = np.asarray(input_ids)
