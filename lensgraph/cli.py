@@ -109,6 +109,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the points and why any cannot be placed; write nothing")
     p.set_defaults(func=_hooks)
 
+    p = sub.add_parser("generate", parents=[common], help="generate tokens from a KV-cache graph or an "
+                       "onnxruntime-genai folder")
+    p.add_argument("model", help="an onnxruntime-genai folder, or a graph with past_key_values.* inputs")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-ids", help="the prompt's token ids, comma-separated (e.g. 1,5,9)")
+    prompt.add_argument("--prompt", help="the prompt as text (a folder with a tokenizer)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=20, help="how many tokens to generate (default 20)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=None, help="the sampling seed")
+    p.add_argument("--eos", type=int, default=None, help="stop once this token id is generated")
+    p.set_defaults(func=_generate)
+
     p = sub.add_parser("view", parents=[common], help="serve a model in Netron on 127.0.0.1")
     p.add_argument("model")
     p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
@@ -227,6 +239,60 @@ def _grouped(reasons: dict, template) -> list[str]:
     for name, reason in reasons.items():
         groups.setdefault((template(name), reason), []).append(name)
     return [f"{t}{f' ({len(ns)} layers)' if len(ns) > 1 else ''}: {r}" for (t, r), ns in groups.items()]
+
+
+def _generate(args) -> int:
+    from .interp.generate import generate
+    from .store.folder import is_model_folder
+
+    tokenizer = None
+    if args.prompt is not None:
+        if not is_model_folder(args.model):
+            raise BadInputError(f"{args.model}: --prompt needs an onnxruntime-genai folder with a tokenizer; "
+                                "give --prompt-ids")
+        tokenizer = _Tokenizer(args.model)
+        ids = np.asarray(tokenizer.encode(args.prompt), np.int64)[None, :]
+    else:
+        try:
+            ids = np.array([[int(t) for t in args.prompt_ids.split(",")]], np.int64)
+        except ValueError:
+            raise BadInputError(f"--prompt-ids {args.prompt_ids!r}: give whole numbers separated by commas") from None
+    gen = generate(args.model, ids, args.max_new_tokens, do_sample=args.sample, seed=args.seed, eos_token_id=args.eos)
+    new = gen.new_tokens[0]
+    print(",".join(str(int(t)) for t in new))
+    if tokenizer is not None:
+        print(tokenizer.decode(new))
+    return 0
+
+
+class _Tokenizer:
+    """The folder's tokenizer.json through the `tokenizers` library, else onnxruntime-genai's."""
+
+    def __init__(self, folder: str):
+        path = os.path.join(folder, "tokenizer.json")
+        try:
+            from tokenizers import Tokenizer
+
+            self._hf = Tokenizer.from_file(path)
+            self._og = None
+            return
+        except ImportError:
+            self._hf = None
+        except Exception as exc:
+            raise BadInputError(f"{path}: no usable tokenizer ({str(exc).splitlines()[0][:200]})") from None
+        try:
+            import onnxruntime_genai as og
+
+            self._og = og.Tokenizer(og.Model(folder))
+        except ImportError:
+            raise BadInputError("--prompt needs the tokenizers library or onnxruntime-genai") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self._hf.encode(text).ids if self._hf is not None else list(self._og.encode(text))
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        return self._hf.decode(ids) if self._hf is not None else self._og.decode(ids)
 
 
 def _view(args) -> int:

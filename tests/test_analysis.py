@@ -102,3 +102,15 @@ def test_attributions_on_sublayer_output_norms_use_what_is_added(family_exports)
     assert {"embed", "L0 attn", "L1 attn", "L0 MLP", "L1 MLP"} <= set(parts) and "L0H0" not in parts
     np.testing.assert_allclose(sum(parts.values()), logits[:, -1, 7], atol=1e-5)
     assert np.abs(parts["other"]).max() < 1e-5
+
+
+def test_scripts_take_a_kv_cache_graph(family_exports, tmp_path):
+    """A graph with past_key_values.* inputs runs its first step, with an empty past."""
+    from lensgraph.export import export_model
+
+    path = tmp_path / "cache.onnx"
+    export_model(family_exports.model("llama"), path, exporter="torchscript", cache=True)
+    for script in ("logit_lens.py", "direct_logit_attribution.py"):
+        done = subprocess.run([sys.executable, os.path.join(SCRIPTS, script), "--model", str(path)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
