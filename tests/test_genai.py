@@ -32,6 +32,7 @@ CONFIGS = {
     "qwen2": lambda: tf.Qwen2Config(**SHAPE),  # value biases, through the packed q|k|v
     "mistral": lambda: tf.MistralConfig(sliding_window=None, **SHAPE),
     "gemma": lambda: tf.GemmaConfig(head_dim=16, **SHAPE),  # 1 + w, a tied table read through a Transpose
+    "phi3": lambda: tf.Phi3Config(pad_token_id=0, original_max_position_embeddings=128, **SHAPE),  # packed maps
 }
 PROMPT = [3, 5, 7, 9]
 
