@@ -8,6 +8,7 @@ Which value column feeds which row of W_O is measured by `lensgraph.graph.probe`
 
 import numpy as np
 
+from lensgraph.graph.anatomy import QUANTIZED
 from lensgraph.graph.probe import value_index
 from lensgraph.pipeline import Pass, PassResult, check, register
 from lensgraph.store.weights import LinearWeights
@@ -26,9 +27,11 @@ class FoldValueBiases(Pass):
         todo = []
         if not anatomy.attention:
             found = [w.name for w in anatomy.writers if w.role == "attn_out"]
+            quantized = [w for w in anatomy.writers if w.node is not None and w.node.op_type in QUANTIZED]
             result.skip("model", "no attention block's V->O path was traced"
-                        + (f" ({'; '.join(anatomy.notes)})" if anatomy.notes else
-                           "" if found else ": no stream term is fed by softmax(...) @ V"))
+                        + (f" ({'; '.join(anatomy.notes)})" if anatomy.notes else "" if found else
+                           f": the maps writing into the stream are quantized ({quantized[0].node.op_type})"
+                           if quantized else ": no stream term is fed by softmax(...) @ V"))
         for att in anatomy.attention:
             result.matched += 1
             what = f"layer {att.layer} attention ({att.o.name})"

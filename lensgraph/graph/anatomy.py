@@ -36,6 +36,8 @@ ROLE_REASONS = {
     "stream": "post-norm: its output is the residual stream itself",
 }
 FOLDABLE_ROLES = ("reader", "final")
+QUANTIZED = {"MatMulNBits", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+             "QGemm", "GatherBlockQuantized"}  # int4/int8 linear maps: a fold would round differently
 ATTENTION_SEARCH_LIMIT = 48  # nodes visited forward from a head norm looking for its Softmax
 
 
@@ -155,6 +157,9 @@ def _readers(norm: Norm) -> tuple[list[Linear], str | None]:
             readers.append(lin)
         elif node.op_type == "Add":
             return [], f"norm output feeds Add {node.name} (post-norm residual, not a linear map)"
+        elif node.op_type in QUANTIZED:
+            return [], (f"norm output feeds {node.op_type} {node.name}: a quantized map, whose weights a fold "
+                        "cannot change exactly")
         else:
             return [], f"norm output feeds {node.op_type} {node.name} (not a linear map)"
     if not readers:
@@ -178,7 +183,9 @@ def _find_unembed(graph: ir.Graph, anatomy: Anatomy) -> None:
     if lin is None:
         node = value.producer()
         what = f"{node.op_type} {node.name}" if node is not None else "a graph input"
-        anatomy.unembed_blocker = f"logits come from {what}, not a linear map"
+        quantized = node is not None and node.op_type in QUANTIZED
+        anatomy.unembed_blocker = (f"logits come from {what}, a quantized map, whose weights cannot be centred "
+                                   "exactly" if quantized else f"logits come from {what}, not a linear map")
         return
     others = [node for node, _, _ in match.forward(lin.out)[0] if capped is None or node is not capped[2]]
     if others:
