@@ -15,17 +15,20 @@ import torch
 # added into the stream; resid_mid: the module whose input is the stream between the sublayers.
 COMMON = dict(layers="model.layers", attn="self_attn", o="self_attn.o_proj", mlp="mlp", down="mlp.down_proj",
               ln1="input_layernorm", ln2="post_attention_layernorm", final="model.norm",
-              attn_out="self_attn", mlp_out="mlp", mid="post_attention_layernorm", pos=None)
+              attn_out="self_attn", mlp_out="mlp", mid="post_attention_layernorm", pos=None,
+              pre="mlp.gate_proj", pre_linear="mlp.up_proj")
 GEMMA_SANDWICH = dict(COMMON, ln2="pre_feedforward_layernorm", mid="pre_feedforward_layernorm",
                       attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
 FAMILIES = {
     "gpt2": dict(layers="transformer.h", attn="attn", o="attn.c_proj", mlp="mlp", down="mlp.c_proj", ln1="ln_1",
                  ln2="ln_2", final="transformer.ln_f", attn_out="attn", mlp_out="mlp", mid="ln_2",
-                 pos="transformer.wpe", embed="transformer.wte"),
+                 pos="transformer.wpe", embed="transformer.wte", pre="mlp.c_fc", pre_linear=None),
     "gpt_neox": dict(layers="gpt_neox.layers", attn="attention", o="attention.dense", mlp="mlp",
                      down="mlp.dense_4h_to_h", ln1="input_layernorm", ln2="post_attention_layernorm",
-                     final="gpt_neox.final_layer_norm", attn_out="attention", mlp_out="mlp", mid=None, pos=None),
-    "llama": COMMON, "qwen3": COMMON, "phi3": COMMON,
+                     final="gpt_neox.final_layer_norm", attn_out="attention", mlp_out="mlp", mid=None, pos=None,
+                     pre="mlp.dense_h_to_4h", pre_linear=None),
+    "llama": COMMON, "qwen3": COMMON,
+    "phi3": dict(COMMON, pre="mlp.gate_up_proj", pre_linear="mlp.gate_up_proj"),  # one packed map: its halves
     "gemma2": GEMMA_SANDWICH, "gemma3_text": GEMMA_SANDWICH,
     "olmo2": dict(COMMON, ln1=None, ln2=None, mid="mlp", attn_out="post_attention_layernorm",
                   mlp_out="post_feedforward_layernorm"),
@@ -83,6 +86,9 @@ def hf_points(hf, input_ids: np.ndarray, processed: bool) -> dict[str, np.ndarra
         handles.append(_get(layer, fam["down"]).register_forward_pre_hook(in_hook(f"mlp_post{l}"), with_kwargs=True))
         handles.append(_get(layer, fam["attn_out"]).register_forward_hook(out_hook(f"attn_out{l}")))
         handles.append(_get(layer, fam["mlp_out"]).register_forward_hook(out_hook(f"mlp_out{l}")))
+        for key in ("pre", "pre_linear"):
+            if fam[key]:
+                handles.append(_get(layer, fam[key]).register_forward_hook(out_hook(f"mlp_{key}{l}")))
         for key in ("ln1", "ln2", "mid"):
             if fam[key]:
                 handles.append(_get(layer, fam[key]).register_forward_pre_hook(in_hook(f"{key}{l}"), with_kwargs=True))
@@ -126,9 +132,20 @@ def hf_points(hf, input_ids: np.ndarray, processed: bool) -> dict[str, np.ndarra
         z = v[f"z{l}"].reshape(*v[f"z{l}"].shape[:2], n_heads, d_head)
         out[p + "attn.hook_z"] = z - _value_bias(hf, layer, n_heads, d_head) if processed else z
         out[p + "mlp.hook_post"] = v[f"mlp_post{l}"]
-        for key, name in (("ln1", "ln1.hook_scale"), ("ln2", "ln2.hook_scale")):
+        for key in ("ln1", "ln2"):
             if fam[key]:
-                out[p + name] = scale(v[f"{key}{l}"], _get(layer, fam[key]))
+                x, norm = v[f"{key}{l}"], _get(layer, fam[key])
+                out[p + f"{key}.hook_scale"] = scale(x, norm)
+                out[p + f"{key}.hook_normalized"] = (x - x.mean(-1, keepdims=True) if layernorm else x) / scale(x, norm)
+        if fam["pre"]:
+            pre = v[f"mlp_pre{l}"]
+            if fam["pre"] == fam["pre_linear"]:  # Phi-3's gate_up_proj: the gate, then the linear branch
+                half = pre.shape[-1] // 2
+                out[p + "mlp.hook_pre"], out[p + "mlp.hook_pre_linear"] = pre[..., :half], pre[..., half:]
+            else:
+                out[p + "mlp.hook_pre"] = pre
+                if fam["pre_linear"]:
+                    out[p + "mlp.hook_pre_linear"] = v[f"mlp_pre_linear{l}"]
     final = _get(hf, fam["final"])
     x = v["final"]
     out["ln_final.hook_scale"] = scale(x, final)

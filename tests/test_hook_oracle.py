@@ -25,10 +25,11 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "optimum
 FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma2", "gemma3", "qwen3", "olmo2", "phi3"]
 FORMS = ["torchscript17", "dynamo"]
 ROTARY = {"hook_pos_embed"}
+UNGATED = {"blocks.*.mlp.hook_pre_linear"}  # GPT-2 and NeoX: act(W_in x), no linear branch
 ABSENT = {
-    "gpt2": set(),
-    "gpt_neox": ROTARY | {"blocks.*.hook_resid_mid"},  # parallel attention and MLP
-    "olmo2": ROTARY | {"blocks.*.ln1.hook_scale", "blocks.*.ln2.hook_scale"},  # no norm before a sublayer
+    "gpt2": UNGATED,
+    "gpt_neox": ROTARY | UNGATED | {"blocks.*.hook_resid_mid"},  # parallel attention and MLP
+    "olmo2": ROTARY | {f"blocks.*.ln{i}.hook_{p}" for i in (1, 2) for p in ("scale", "normalized")},  # no pre-norms
 }
 PARALLEL = {"gpt_neox"}
 TOLERANCE = 1e-4
@@ -42,11 +43,24 @@ def check_points(path: str, hf, family: str, processed: bool) -> dict:
     assert all(placement.unplaced.values())
     _, cache = run_with_cache(path, IDS)
     oracle = hf_points(hf, IDS, processed)
+    check_scores(cache, oracle)
     assert set(cache) == set(oracle), set(cache) ^ set(oracle)
     wrong = {name: relative_error(cache[name], oracle[name]) for name in oracle}
     assert all(err <= TOLERANCE for err in wrong.values()), {k: e for k, e in wrong.items() if e > TOLERANCE}
     check_identities(cache, family in PARALLEL, hf.config.num_hidden_layers)
     return cache
+
+
+def check_scores(cache: dict, oracle: dict) -> None:
+    """hook_attn_scores is no module's output in HF: checked through HF's pattern (its softmax) and
+    TransformerLens's masking (the future is -inf), then taken out of the cache."""
+    for name in [n for n in cache if n.endswith("attn.hook_attn_scores")]:
+        scores = cache.pop(name)
+        pattern = oracle[name.replace("hook_attn_scores", "hook_pattern")]
+        e = np.exp(scores - scores.max(-1, keepdims=True))
+        assert relative_error(e / e.sum(-1, keepdims=True), pattern) <= TOLERANCE, name
+        q, k = np.triu_indices(scores.shape[-1], 1)
+        assert np.all(np.isneginf(scores[..., q, k])), name
 
 
 def check_identities(cache: dict, parallel: bool, n_layers: int) -> None:
@@ -131,5 +145,6 @@ def test_onnxruntime_optimised_graph_points_are_right_or_absent(family_exports, 
     _, cache = run_with_cache(path, IDS)
     oracle = hf_points(family_exports.model(family), IDS, processed=False)
     assert set(cache) == set(placement.points)
+    check_scores(cache, oracle)
     wrong = {name: relative_error(cache[name], oracle[name]) for name in cache}
     assert all(err <= TOLERANCE for err in wrong.values()), {k: e for k, e in wrong.items() if e > TOLERANCE}

@@ -29,18 +29,24 @@ import onnx_ir as ir
 from . import match
 from .anatomy import Anatomy, Writer, analyse
 from .norms import Norm
-from .sublayers import attention_parts, fused_attention
+from .linear import linear_producing
+from .sublayers import ELEMENTWISE, attention_parts, fused_attention
 
 # TransformerLens's names, in its order; {l} is the layer.
 GLOBAL_POINTS = ("hook_embed", "hook_pos_embed")
 LAYER_POINTS = (
     "blocks.{l}.hook_resid_pre",
     "blocks.{l}.ln1.hook_scale",
+    "blocks.{l}.ln1.hook_normalized",
+    "blocks.{l}.attn.hook_attn_scores",
     "blocks.{l}.attn.hook_pattern",
     "blocks.{l}.attn.hook_z",
     "blocks.{l}.hook_attn_out",
     "blocks.{l}.hook_resid_mid",
     "blocks.{l}.ln2.hook_scale",
+    "blocks.{l}.ln2.hook_normalized",
+    "blocks.{l}.mlp.hook_pre",
+    "blocks.{l}.mlp.hook_pre_linear",
     "blocks.{l}.mlp.hook_post",
     "blocks.{l}.hook_mlp_out",
     "blocks.{l}.hook_resid_post",
@@ -54,6 +60,7 @@ BROADCAST = "broadcast"  # position table rows, expanded over the batch
 HEADS = "heads"  # [batch, head, pos, d_head] transposed to [batch, pos, head, d_head]
 SCALE = "scale"  # a norm's scale, computed from its input
 NORMALIZED = "normalized"  # a norm's input divided by that scale (centred first for a LayerNorm)
+SCORES = "scores"  # attention scores, the additive mask's large negatives made -inf (TransformerLens's masking)
 
 
 @dataclass(eq=False)
@@ -136,17 +143,28 @@ def place(graph: ir.Graph, anatomy: Anatomy | None = None) -> Placement:
         put(p + "ln1.hook_scale", _scale(p + "ln1.hook_scale", layer.ln1, "attention", l))
         put(p + "ln2.hook_scale", _scale(p + "ln2.hook_scale", layer.ln2, "MLP", l) if layer.mlp is not None
             else f"block {l} has no MLP")
+        for key, norm, sublayer in (("ln1", layer.ln1, "attention"), ("ln2", layer.ln2, "MLP")):
+            found = _scale(p + f"{key}.hook_normalized", norm, sublayer, l)
+            put(p + f"{key}.hook_normalized", _normalized(p + f"{key}.hook_normalized", norm)
+                if isinstance(found, Point) else found)
         attn, mlp = layer.attn, layer.mlp
         put(p + "hook_attn_out", _term(p + "hook_attn_out", attn, anatomy))
         put(p + "attn.hook_pattern", _pattern(p + "attn.hook_pattern", attn))
+        put(p + "attn.hook_attn_scores", _scores(p + "attn.hook_attn_scores", attn))
         put(p + "attn.hook_z", _z(p + "attn.hook_z", attn))
         if mlp is None:
-            for suffix in ("hook_mlp_out", "mlp.hook_post"):
+            for suffix in ("hook_mlp_out", "mlp.hook_post", "mlp.hook_pre", "mlp.hook_pre_linear"):
                 put(p + suffix, f"block {l} has no MLP")
         else:
             put(p + "hook_mlp_out", _term(p + "hook_mlp_out", mlp, anatomy))
             post, _ = match.back(mlp.linear.node.inputs[0])
             put(p + "mlp.hook_post", Point(p + "mlp.hook_post", post, PER_POSITION, f"input of {mlp.name}"))
+            pre, linear = _hidden(post)
+            put(p + "mlp.hook_pre", Point(p + "mlp.hook_pre", pre, PER_POSITION, "the MLP's pre-activation")
+                if isinstance(pre, ir.Value) else pre)
+            put(p + "mlp.hook_pre_linear", Point(p + "mlp.hook_pre_linear", linear, PER_POSITION,
+                                                 "the gated MLP's linear branch") if isinstance(linear, ir.Value)
+                else linear)
 
     final = anatomy.final_norm
     if final is None:
@@ -217,6 +235,66 @@ def _attention_parts(writer: Writer) -> tuple[ir.Node, ir.Node] | str:
         return (f"attention is one {fused.op_type} op ({fused.name}): its pattern and per-head outputs "
                 "exist only inside it")
     return attention_parts(writer.linear)
+
+
+def _hidden(post: ir.Value) -> tuple[ir.Value | str, ir.Value | str]:
+    """(pre-activation, linear branch) of an MLP whose activated hidden layer is `post`: in
+    act(W_in x) the pre-activation is W_in x; in act(W_gate x) * (W_up x), W_gate x and W_up x."""
+    node = post.producer()
+    if node is not None and node.op_type == "Mul" and len(node.inputs) == 2:
+        sides = [_linear_output(v) for v in node.inputs]
+        plain = [i for i, v in enumerate(sides) if v is not None]
+        if len(plain) == 1:  # one side is a linear map's output as it is: the gated product
+            gate = _activation_input(node.inputs[1 - plain[0]])
+            if gate is None:
+                return "the gate's pre-activation is not one linear map's output", "the MLP's gate is not traced"
+            if gate is not sides[plain[0]]:  # x * act(x) is an activation (SiLU), not a gate
+                return gate, sides[plain[0]]
+    pre = _activation_input(post)
+    if pre is None:
+        return "the MLP's pre-activation is not one linear map's output", "the MLP is not traced"
+    return pre, "the MLP is not gated: it has no linear branch"
+
+
+def _linear_output(value: ir.Value) -> ir.Value | None:
+    """`value` (through no-ops) when it is a linear map's output, or a slice of a packed one."""
+    source, _ = match.back(value)
+    node = source.producer()
+    if linear_producing(source) is not None:
+        return source
+    if node is not None and node.op_type in ("Split", "Slice") and linear_producing(match.back(node.inputs[0])[0]):
+        return source
+    return None
+
+
+def _activation_input(value: ir.Value) -> ir.Value | None:
+    """The one linear-map output an elementwise activation chain is computed from."""
+    found, todo, seen = set(), [value], set()
+    while todo and len(seen) < 32:
+        v = todo.pop()
+        if id(v) in seen or match.is_const(v):
+            continue
+        seen.add(id(v))
+        out = _linear_output(v)
+        if out is not None:
+            found.add(out)
+            continue
+        node = v.producer()
+        if node is None or node.op_type not in ELEMENTWISE:
+            return None
+        todo += [i for i in node.inputs if i is not None]
+    return found.pop() if len(found) == 1 else None
+
+
+def _scores(name: str, writer: Writer) -> Point | str:
+    parts = _attention_parts(writer)
+    if isinstance(parts, str):
+        return parts
+    softmax, _ = parts
+    scores = softmax.inputs[0]
+    if _rank(scores) not in (None, 4) or match.attr(softmax, "axis", -1) not in (-1, 3):
+        return f"the input of {softmax.name} is not [batch, head, query, key] scores"
+    return Point(name, scores, SCORES, f"input of {softmax.name}, masked positions -inf")
 
 
 def _rank(value: ir.Value) -> int | None:

@@ -33,6 +33,7 @@ from ..graph.hookpoints import (
     NORMALIZED,
     PER_POSITION,
     SCALE,
+    SCORES,
     Placement,
     Point,
     place,
@@ -228,10 +229,16 @@ class _Builder:
             out = self._scale(point)
         elif point.form == NORMALIZED:
             out = self._scale(point, normalized=True)
+        elif point.form == SCORES:
+            dtype = v.dtype.numpy() if v.dtype is not None else np.float32
+            floor = self._const(name, "masked_below", np.array(np.finfo(dtype).min / 2, dtype))
+            masked = self._node(name, "Less", [v, floor], "positions the additive mask removed")
+            minus_inf = self._const(name, "minus_inf", np.array(-np.inf, dtype))
+            out = self._node(name, "Where", [masked, minus_inf, v], f"{point.found}", out_name=name)
         else:
             raise ValueError(point.form)
         out.dtype = v.dtype or self.float_type  # a graph output needs a type, if inference found none
-        self.ranks.append((out, 3 if point.form not in (AS_IS, HEADS) else rank or 4))  # AS_IS: pattern or z
+        self.ranks.append((out, 3 if point.form not in (AS_IS, HEADS, SCORES) else rank or 4))  # pattern, z, scores
         self.graph.outputs.append(out)
 
     def _scale(self, point: Point, normalized: bool = False) -> ir.Value:
