@@ -149,8 +149,8 @@ def place(graph: ir.Graph, anatomy: Anatomy | None = None) -> Placement:
                 if isinstance(found, Point) else found)
         attn, mlp = layer.attn, layer.mlp
         put(p + "hook_attn_out", _term(p + "hook_attn_out", attn, anatomy))
-        put(p + "attn.hook_pattern", _pattern(p + "attn.hook_pattern", attn))
-        put(p + "attn.hook_attn_scores", _scores(p + "attn.hook_attn_scores", attn))
+        put(p + "attn.hook_pattern", _softmax_point(p + "attn.hook_pattern", attn, "pattern"))
+        put(p + "attn.hook_attn_scores", _softmax_point(p + "attn.hook_attn_scores", attn, "scores"))
         put(p + "attn.hook_z", _z(p + "attn.hook_z", attn))
         if mlp is None:
             for suffix in ("hook_mlp_out", "mlp.hook_post", "mlp.hook_pre", "mlp.hook_pre_linear"):
@@ -286,33 +286,22 @@ def _activation_input(value: ir.Value) -> ir.Value | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _scores(name: str, writer: Writer) -> Point | str:
-    parts = _attention_parts(writer)
-    if isinstance(parts, str):
-        return parts
-    softmax, _ = parts
-    scores = softmax.inputs[0]
-    if _rank(scores) not in (None, 4) or match.attr(softmax, "axis", -1) not in (-1, 3):
-        return f"the input of {softmax.name} is not [batch, head, query, key] scores"
-    return Point(name, scores, SCORES, f"input of {softmax.name}, masked positions -inf")
-
-
 def _rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape)
 
 
-def _pattern(name: str, writer: Writer) -> Point | str:
+def _softmax_point(name: str, writer: Writer, side: str) -> Point | str:
+    """The attention Softmax's input (`side` "scores") or output ("pattern"), [batch, head, query, key]."""
     parts = _attention_parts(writer)
     if isinstance(parts, str):
         return parts
     softmax, _ = parts
-    probs = softmax.outputs[0]
-    if _rank(probs) not in (None, 4):
-        return f"Softmax {softmax.name} gives rank {_rank(probs)}, not [batch, head, query, key]"
-    if match.attr(softmax, "axis", -1) not in (-1, 3):
-        return f"Softmax {softmax.name} is not over the last axis"
-    return Point(name, probs, AS_IS, f"output of {softmax.name}")
-
+    value = softmax.inputs[0] if side == "scores" else softmax.outputs[0]
+    if _rank(value) not in (None, 4) or match.attr(softmax, "axis", -1) not in (-1, 3):
+        return f"Softmax {softmax.name} is not over the keys of [batch, head, query, key] {side}"
+    if side == "scores":
+        return Point(name, value, SCORES, f"input of {softmax.name}, masked positions -inf")
+    return Point(name, value, AS_IS, f"output of {softmax.name}")
 
 def _z(name: str, writer: Writer) -> Point | str:
     fused = fused_attention(writer.linear)
