@@ -5,6 +5,7 @@ from .errors import BadInputError, LensError, VerificationError
 from .interp.cache import run_with_cache
 from .interp.generate import Generation, generate
 from .interp.hooks import add_hooks
+from .interp.tl_weights import TLWeights, tl_weights
 from .pipeline import DEFAULT_PIPELINE, Pass, PassManager, PassResult
 from .process import process
 from .store.model import LensModel
@@ -12,5 +13,5 @@ from .verify import verify
 
 __all__ = [
     "BadInputError", "DEFAULT_PIPELINE", "Generation", "LensError", "LensModel", "Pass", "PassManager",
-    "PassResult", "VerificationError", "add_hooks", "generate", "process", "run_with_cache", "verify", "__version__",
+    "PassResult", "TLWeights", "VerificationError", "add_hooks", "generate", "process", "run_with_cache", "tl_weights", "verify", "__version__",
 ]

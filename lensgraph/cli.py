@@ -109,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the points and why any cannot be placed; write nothing")
     p.set_defaults(func=_hooks)
 
+    p = sub.add_parser("weights", parents=[common], help="list or save the weights under TransformerLens's names")
+    p.add_argument("model")
+    p.add_argument("--names", action="append", help="glob over the names (repeatable), e.g. 'blocks.0.attn.*'")
+    p.add_argument("-o", "--output", help="save them to this .safetensors file")
+    p.set_defaults(func=_weights)
+
     p = sub.add_parser("generate", parents=[common], help="generate tokens from a KV-cache graph or an "
                        "onnxruntime-genai folder")
     p.add_argument("model", help="an onnxruntime-genai folder, or a graph with past_key_values.* inputs")
@@ -239,6 +245,35 @@ def _grouped(reasons: dict, template) -> list[str]:
     for name, reason in reasons.items():
         groups.setdefault((template(name), reason), []).append(name)
     return [f"{t}{f' ({len(ns)} layers)' if len(ns) > 1 else ''}: {r}" for (t, r), ns in groups.items()]
+
+
+def _weights(args) -> int:
+    from .interp.tl_weights import tl_weights
+    from .store.atomic import check_text_target
+
+    target = check_text_target(args.output, [os.path.abspath(args.model)]) if args.output else None
+    weights = tl_weights(args.model, args.names)
+    if target is None:
+        for name, arr in weights.items():
+            print(f"  {name}: {list(arr.shape)} {arr.dtype}")
+        for name, reason in weights.missing.items():
+            print(f"  absent: {name}: {reason}")
+        return 0
+    from safetensors.numpy import save_file
+
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.getpid()}.tmp")
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, tmp,
+                  metadata={"source": os.path.basename(args.model), "names": "TransformerLens"})
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise LensError(f"{target}: cannot write the weights ({exc.strerror or exc})") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _say(args)(f"{args.model} -> {target}: {len(weights)} weights"
+               + (f" ({len(weights.missing)} absent: {', '.join(weights.missing)})" if weights.missing else ""))
+    return 0
 
 
 def _generate(args) -> int:

@@ -41,6 +41,7 @@ class HeadLayout:
     k_cols: np.ndarray  # [n_kv_heads, d_head]
     v_cols: np.ndarray  # [n_kv_heads, d_head]
     o_rows: np.ndarray  # [n_heads, d_head]: the output projection's input row of each head's value
+    o: Linear  # the output projection
 
     @property
     def n_heads(self) -> int:
@@ -177,10 +178,10 @@ def _measure(proto, held_out: dict, plans: dict, results: list, provider: str, p
                 codes[i][j] = codes[i][j] + (np.rint(digit).astype(np.int64) - 1) * base**run
     for i, plan in live.items():
         if results[i] is None:
-            results[i] = _layout(plan.q, plan.k, plan.att.v, *codes[i])
+            results[i] = _layout(plan.q, plan.k, plan.att.v, plan.att.o, *codes[i])
 
 
-def _layout(q: Linear, k: Linear, v: Linear, q_codes, k_codes, o_codes) -> HeadLayout | str:
+def _layout(q: Linear, k: Linear, v: Linear, o: Linear, q_codes, k_codes, o_codes) -> HeadLayout | str:
     """Codes read at the query operand [1, head, 1, d_head], the key operand [1, head, d_head, 1]
     (transposed) and the output projection's input [.., head * d_head]."""
     d_head = q_codes.shape[-1]
@@ -197,7 +198,7 @@ def _layout(q: Linear, k: Linear, v: Linear, q_codes, k_codes, o_codes) -> HeadL
     if groups * k_cols.shape[0] != q_cols.shape[0] or not np.array_equal(np.repeat(v_cols, groups, axis=0), o_rows_cols):
         return f"{v.name}: the value heads do not repeat in groups of query heads"
     o_rows = np.arange(o_rows_cols.size).reshape(o_rows_cols.shape)  # the projection reads heads in order
-    return HeadLayout(q, k, v, q_cols, k_cols, v_cols, o_rows)
+    return HeadLayout(q, k, v, q_cols, k_cols, v_cols, o_rows, o)
 
 
 def _unique_heads(cols: np.ndarray) -> np.ndarray:

@@ -29,8 +29,7 @@ import onnx_ir as ir
 from . import match
 from .anatomy import Anatomy, Writer, analyse
 from .norms import Norm
-from .linear import linear_producing
-from .sublayers import ELEMENTWISE, attention_parts, fused_attention
+from .sublayers import attention_parts, fused_attention, mlp_branches
 
 # TransformerLens's names, in its order; {l} is the layer.
 GLOBAL_POINTS = ("hook_embed", "hook_pos_embed")
@@ -159,7 +158,7 @@ def place(graph: ir.Graph, anatomy: Anatomy | None = None) -> Placement:
             put(p + "hook_mlp_out", _term(p + "hook_mlp_out", mlp, anatomy))
             post, _ = match.back(mlp.linear.node.inputs[0])
             put(p + "mlp.hook_post", Point(p + "mlp.hook_post", post, PER_POSITION, f"input of {mlp.name}"))
-            pre, linear = _hidden(post)
+            pre, linear = mlp_branches(post)
             put(p + "mlp.hook_pre", Point(p + "mlp.hook_pre", pre, PER_POSITION, "the MLP's pre-activation")
                 if isinstance(pre, ir.Value) else pre)
             put(p + "mlp.hook_pre_linear", Point(p + "mlp.hook_pre_linear", linear, PER_POSITION,
@@ -235,55 +234,6 @@ def _attention_parts(writer: Writer) -> tuple[ir.Node, ir.Node] | str:
         return (f"attention is one {fused.op_type} op ({fused.name}): its pattern and per-head outputs "
                 "exist only inside it")
     return attention_parts(writer.linear)
-
-
-def _hidden(post: ir.Value) -> tuple[ir.Value | str, ir.Value | str]:
-    """(pre-activation, linear branch) of an MLP whose activated hidden layer is `post`: in
-    act(W_in x) the pre-activation is W_in x; in act(W_gate x) * (W_up x), W_gate x and W_up x."""
-    node = post.producer()
-    if node is not None and node.op_type == "Mul" and len(node.inputs) == 2:
-        sides = [_linear_output(v) for v in node.inputs]
-        plain = [i for i, v in enumerate(sides) if v is not None]
-        if len(plain) == 1:  # one side is a linear map's output as it is: the gated product
-            gate = _activation_input(node.inputs[1 - plain[0]])
-            if gate is None:
-                return "the gate's pre-activation is not one linear map's output", "the MLP's gate is not traced"
-            if gate is not sides[plain[0]]:  # x * act(x) is an activation (SiLU), not a gate
-                return gate, sides[plain[0]]
-    pre = _activation_input(post)
-    if pre is None:
-        return "the MLP's pre-activation is not one linear map's output", "the MLP is not traced"
-    return pre, "the MLP is not gated: it has no linear branch"
-
-
-def _linear_output(value: ir.Value) -> ir.Value | None:
-    """`value` (through no-ops) when it is a linear map's output, or a slice of a packed one."""
-    source, _ = match.back(value)
-    node = source.producer()
-    if linear_producing(source) is not None:
-        return source
-    if node is not None and node.op_type in ("Split", "Slice") and linear_producing(match.back(node.inputs[0])[0]):
-        return source
-    return None
-
-
-def _activation_input(value: ir.Value) -> ir.Value | None:
-    """The one linear-map output an elementwise activation chain is computed from."""
-    found, todo, seen = set(), [value], set()
-    while todo and len(seen) < 32:
-        v = todo.pop()
-        if id(v) in seen or match.is_const(v):
-            continue
-        seen.add(id(v))
-        out = _linear_output(v)
-        if out is not None:
-            found.add(out)
-            continue
-        node = v.producer()
-        if node is None or node.op_type not in ELEMENTWISE:
-            return None
-        todo += [i for i in node.inputs if i is not None]
-    return found.pop() if len(found) == 1 else None
 
 
 def _rank(value: ir.Value) -> int | None:
