@@ -2,6 +2,7 @@
 
 from ._version import __version__
 from .errors import BadInputError, LensError, VerificationError
+from .interp.activation_cache import ActivationCache
 from .interp.cache import run_with_cache
 from .interp.generate import Generation, generate
 from .interp.hooks import add_hooks
@@ -12,6 +13,6 @@ from .store.model import LensModel
 from .verify import verify
 
 __all__ = [
-    "BadInputError", "DEFAULT_PIPELINE", "Generation", "LensError", "LensModel", "Pass", "PassManager",
+    "ActivationCache", "BadInputError", "DEFAULT_PIPELINE", "Generation", "LensError", "LensModel", "Pass", "PassManager",
     "PassResult", "TLWeights", "VerificationError", "add_hooks", "generate", "process", "run_with_cache", "tl_weights", "verify", "__version__",
 ]

@@ -22,6 +22,7 @@ from ..graph import match
 from ..graph.hookpoints import place
 from ..store.model import LensModel
 from ..store.runner import FLOAT_TYPES, Runner
+from .activation_cache import ActivationCache
 from .hooks import add_hooks, remove_hooks, select
 
 _FILES: dict[str, tuple[tuple, list[str], tuple]] = {}  # path -> (file key, placeable points, id limits)
@@ -75,7 +76,8 @@ def _open(path: str, provider: str, names: list[str]):
 
 
 def run_with_cache(model, input_ids, attention_mask=None, points=None, provider: str = "CPUExecutionProvider"):
-    """Logits and a dict of hook-point activations (numpy), named as TransformerLens names them.
+    """Logits and an ActivationCache (a dict of hook-point activations, numpy, named as TransformerLens
+    names them, with TransformerLens's cache helpers).
 
     `model` is a path or an onnxruntime InferenceSession; `input_ids` is [batch, pos] (or
     [pos]); `points` are globs over the hook names (None: every point; []: none). A graph
@@ -96,7 +98,8 @@ def run_with_cache(model, input_ids, attention_mask=None, points=None, provider:
         logits = "logits" if "logits" in outputs else outputs[0]
         wanted = [n for n in outputs if is_point(n)]  # not the KV cache's present.* outputs
     values = sess.run([logits] + wanted, _feeds(sess, token_ids(input_ids, *limits), attention_mask))
-    return values[0], dict(zip(wanted, values[1:]))
+    path = None if isinstance(model, ort.InferenceSession) else _file_key(model)[0]
+    return values[0], ActivationCache(dict(zip(wanted, values[1:])), path)
 
 
 def is_point(name: str) -> bool:
