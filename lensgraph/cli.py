@@ -285,7 +285,9 @@ def _generate(args) -> int:
         if not is_model_folder(args.model):
             raise BadInputError(f"{args.model}: --prompt needs an onnxruntime-genai folder with a tokenizer; "
                                 "give --prompt-ids")
-        tokenizer = _Tokenizer(args.model)
+        from .interp.tokens import Tokenizer
+
+        tokenizer = Tokenizer(args.model)
         ids = np.asarray(tokenizer.encode(args.prompt), np.int64)[None, :]
     else:
         try:
@@ -298,36 +300,6 @@ def _generate(args) -> int:
     if tokenizer is not None:
         print(tokenizer.decode(new))
     return 0
-
-
-class _Tokenizer:
-    """The folder's tokenizer.json through the `tokenizers` library, else onnxruntime-genai's."""
-
-    def __init__(self, folder: str):
-        path = os.path.join(folder, "tokenizer.json")
-        try:
-            from tokenizers import Tokenizer
-
-            self._hf = Tokenizer.from_file(path)
-            self._og = None
-            return
-        except ImportError:
-            self._hf = None
-        except Exception as exc:
-            raise BadInputError(f"{path}: no usable tokenizer ({str(exc).splitlines()[0][:200]})") from None
-        try:
-            import onnxruntime_genai as og
-
-            self._og = og.Tokenizer(og.Model(folder))
-        except ImportError:
-            raise BadInputError("--prompt needs the tokenizers library or onnxruntime-genai") from None
-
-    def encode(self, text: str) -> list[int]:
-        return self._hf.encode(text).ids if self._hf is not None else list(self._og.encode(text))
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        return self._hf.decode(ids) if self._hf is not None else self._og.decode(ids)
 
 
 def _view(args) -> int:

@@ -207,3 +207,17 @@ def test_generate_cli(genai, capsys):
     assert out.strip() == ",".join(str(t) for t in greedy(src, 6)[len(PROMPT):])
     code, out, _ = cli(capsys, "generate", src, "--prompt", "the quick brown", "-n", "3")
     assert code == 0 and len(out.strip().splitlines()) == 2  # the ids, then the text
+
+
+def test_to_str_tokens_matches_transformerlens(genai, tmp_path):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    src = genai("llama")
+    ckpt = os.path.join(os.path.dirname(src), "llama-hf")
+    tokenizer = tf.PreTrainedTokenizerFast.from_pretrained(ckpt)
+    hf = tf.AutoModelForCausalLM.from_pretrained(ckpt)
+    tokenizer.init_kwargs["add_bos_token"] = True  # as TransformerLens wants it, to boot offline
+    bridge = TransformerBridge.boot_transformers("LlamaForCausalLM", hf_model=hf, tokenizer=tokenizer)
+    ids = np.array([[5, 17, 30, 2], [9, 9, 41, 3]])
+    assert lensgraph.to_str_tokens(src, ids) == [bridge.to_str_tokens(torch.tensor(row)) for row in ids]
+    assert lensgraph.to_str_tokens(tokenizer, ids[0]) == bridge.to_str_tokens(torch.tensor(ids[0]))
