@@ -218,7 +218,7 @@ def _hooks(args) -> int:
     say = _say(args)
     model = LensModel.load(args.input)
     if args.list:
-        placement = place(model.graph)
+        placement = place(model.graph, model=model)
         for name, point in placement.points.items():
             print(f"  {name}: {point.found}")
         for line in _grouped(placement.unplaced, template):

@@ -16,19 +16,22 @@ import torch
 COMMON = dict(layers="model.layers", attn="self_attn", o="self_attn.o_proj", mlp="mlp", down="mlp.down_proj",
               ln1="input_layernorm", ln2="post_attention_layernorm", final="model.norm",
               attn_out="self_attn", mlp_out="mlp", mid="post_attention_layernorm", pos=None,
-              pre="mlp.gate_proj", pre_linear="mlp.up_proj")
+              pre="mlp.gate_proj", pre_linear="mlp.up_proj", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
 GEMMA_SANDWICH = dict(COMMON, ln2="pre_feedforward_layernorm", mid="pre_feedforward_layernorm",
                       attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
 FAMILIES = {
     "gpt2": dict(layers="transformer.h", attn="attn", o="attn.c_proj", mlp="mlp", down="mlp.c_proj", ln1="ln_1",
                  ln2="ln_2", final="transformer.ln_f", attn_out="attn", mlp_out="mlp", mid="ln_2",
-                 pos="transformer.wpe", embed="transformer.wte", pre="mlp.c_fc", pre_linear=None),
+                 pos="transformer.wpe", embed="transformer.wte", pre="mlp.c_fc", pre_linear=None,
+                 qkv="attn.c_attn"),  # one map: q | k | v
     "gpt_neox": dict(layers="gpt_neox.layers", attn="attention", o="attention.dense", mlp="mlp",
                      down="mlp.dense_4h_to_h", ln1="input_layernorm", ln2="post_attention_layernorm",
                      final="gpt_neox.final_layer_norm", attn_out="attention", mlp_out="mlp", mid=None, pos=None,
-                     pre="mlp.dense_h_to_4h", pre_linear=None),
+                     pre="mlp.dense_h_to_4h", pre_linear=None,
+                     qkv="attention.query_key_value"),  # one map, [head, q | k | v, d_head]
     "llama": COMMON, "qwen3": COMMON,
-    "phi3": dict(COMMON, pre="mlp.gate_up_proj", pre_linear="mlp.gate_up_proj"),  # one packed map: its halves
+    "phi3": dict(COMMON, pre="mlp.gate_up_proj", pre_linear="mlp.gate_up_proj",  # one packed map: its halves
+                 qkv="self_attn.qkv_proj"),  # one map: q | k | v
     "gemma2": GEMMA_SANDWICH, "gemma3_text": GEMMA_SANDWICH,
     "olmo2": dict(COMMON, ln1=None, ln2=None, mid="mlp", attn_out="post_attention_layernorm",
                   mlp_out="post_feedforward_layernorm"),
@@ -86,6 +89,9 @@ def hf_points(hf, input_ids: np.ndarray, processed: bool) -> dict[str, np.ndarra
         handles.append(_get(layer, fam["down"]).register_forward_pre_hook(in_hook(f"mlp_post{l}"), with_kwargs=True))
         handles.append(_get(layer, fam["attn_out"]).register_forward_hook(out_hook(f"attn_out{l}")))
         handles.append(_get(layer, fam["mlp_out"]).register_forward_hook(out_hook(f"mlp_out{l}")))
+        maps = fam["qkv"] if isinstance(fam["qkv"], tuple) else (fam["qkv"],)
+        for j, path in enumerate(maps):
+            handles.append(_get(layer, path).register_forward_hook(out_hook(f"qkv{j}_{l}")))
         for key in ("pre", "pre_linear"):
             if fam[key]:
                 handles.append(_get(layer, fam[key]).register_forward_hook(out_hook(f"mlp_{key}{l}")))
@@ -132,6 +138,10 @@ def hf_points(hf, input_ids: np.ndarray, processed: bool) -> dict[str, np.ndarra
         z = v[f"z{l}"].reshape(*v[f"z{l}"].shape[:2], n_heads, d_head)
         out[p + "attn.hook_z"] = z - _value_bias(hf, layer, n_heads, d_head) if processed else z
         out[p + "mlp.hook_post"] = v[f"mlp_post{l}"]
+        q, k, values = _qkv(cfg, fam, v, l, n_heads, d_head)
+        if processed:  # fold_value_biases took the value bias out (fold_ln had moved the norm's bias into it)
+            values = values - _value_bias(hf, layer, n_heads, d_head)[:: n_heads // values.shape[2]]
+        out.update({p + "attn.hook_q": q, p + "attn.hook_k": k, p + "attn.hook_v": values})
         for key in ("ln1", "ln2"):
             if fam[key]:
                 x, norm = v[f"{key}{l}"], _get(layer, fam[key])
@@ -151,6 +161,20 @@ def hf_points(hf, input_ids: np.ndarray, processed: bool) -> dict[str, np.ndarra
     out["ln_final.hook_scale"] = scale(x, final)
     out["ln_final.hook_normalized"] = (x - x.mean(-1, keepdims=True) if layernorm else x) / scale(x, final)
     return out
+
+
+def _qkv(cfg, fam, v, l, n_heads, d_head) -> list[np.ndarray]:
+    """hook_q [b, pos, head, d_head], hook_k and hook_v [b, pos, kv_head, d_head] from the maps' outputs."""
+    kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    if isinstance(fam["qkv"], tuple):
+        return [v[f"qkv{j}_{l}"].reshape(*v[f"qkv{j}_{l}"].shape[:2], -1, d_head) for j in range(3)]
+    out = v[f"qkv0_{l}"]
+    b, s = out.shape[:2]
+    if cfg.model_type == "gpt_neox":  # interleaved per head
+        heads = out.reshape(b, s, n_heads, 3, d_head)
+        return [heads[:, :, :, i] for i in range(3)]
+    q, k, rest = np.split(out, [n_heads * d_head, (n_heads + kv) * d_head], axis=-1)
+    return [x.reshape(b, s, -1, d_head) for x in (q, k, rest)]
 
 
 def _value_bias(hf, layer, n_heads: int, d_head: int) -> np.ndarray:

@@ -13,8 +13,8 @@ from lensgraph.graph.hookpoints import all_names
 
 
 def gpt2_points(n_layers: int = 2) -> list[str]:
-    """Every point GPT-2 has: all of TransformerLens's but a gated MLP's linear branch."""
-    return [n for n in all_names(n_layers) if not n.endswith("mlp.hook_pre_linear")]
+    """Every point GPT-2 has: all of TransformerLens's but a gated MLP's linear branch and rotated q/k."""
+    return [n for n in all_names(n_layers) if not n.endswith(("mlp.hook_pre_linear", "hook_rot_q", "hook_rot_k"))]
 from lensgraph.process import process
 
 LENSGRAPH = os.path.join(os.path.dirname(sys.executable), "lensgraph")
@@ -56,8 +56,8 @@ def test_hooks_list_and_errors(processed, tmp_path):
     done = lensgraph("hooks", processed, "--list")
     assert done.returncode == 0
     assert "blocks.1.attn.hook_pattern: output of /model/transformer/h.1/attn/Softmax" in done.stdout
-    done = lensgraph("hooks", processed, "-o", tmp_path / "x.onnx", "--points", "blocks.*.hook_q")
-    assert done.returncode == 2 and "no hook point matches 'blocks.*.hook_q'" in done.stderr
+    done = lensgraph("hooks", processed, "-o", tmp_path / "x.onnx", "--points", "blocks.*.hook_nowhere")
+    assert done.returncode == 2 and "no hook point matches 'blocks.*.hook_nowhere'" in done.stderr
     assert not (tmp_path / "x.onnx").exists()
     assert lensgraph("hooks", processed).returncode == 2  # no -o and no --list
 

@@ -19,8 +19,8 @@ from lensgraph.graph.hookpoints import all_names
 
 
 def gpt2_points(n_layers: int = 2) -> list[str]:
-    """Every point GPT-2 has: all of TransformerLens's but a gated MLP's linear branch."""
-    return [n for n in all_names(n_layers) if not n.endswith("mlp.hook_pre_linear")]
+    """Every point GPT-2 has: all of TransformerLens's but a gated MLP's linear branch and rotated q/k."""
+    return [n for n in all_names(n_layers) if not n.endswith(("mlp.hook_pre_linear", "hook_rot_q", "hook_rot_k"))]
 from lensgraph.interp.hooks import add_hooks, hook_names
 from lensgraph.store.model import LensModel
 from lensgraph.process import process
@@ -205,3 +205,20 @@ def test_adding_hooks_again_replaces_them(models, tmp_path):
     again = tmp_path / "again.onnx"
     model.save(again)
     assert verify(hooked, str(again)).ok
+
+
+@pytest.mark.parametrize("family, architecture", [("gpt_neox", "GPTNeoXForCausalLM"), ("llama", "LlamaForCausalLM")])
+def test_rotary_families_match_transformerlens_bridge(family_exports, family, architecture):
+    """Every point a rotary family has (queries and keys before and after the rotation included), against
+    TransformerLens's own run_with_cache on the same weights, processed as TransformerLens processes them."""
+    ids = feeds(2, 6, seed=5)["input_ids"]
+    path, _ = family_exports.processed(family, "torchscript17")
+    _, tl_cache = bridge_cache(family_exports.model(family), architecture, ids)
+    _, cache = run_with_cache(path, ids)
+    wanted = ("attn.hook_q", "attn.hook_k", "attn.hook_v") + (("attn.hook_rot_q", "attn.hook_rot_k")
+                                                              if family == "llama" else ())  # TL's NeoX has none
+    for name in wanted:
+        assert f"blocks.0.{name}" in cache and f"blocks.0.{name}" in tl_cache, name
+    wrong = [name for name in cache if name in tl_cache and not close(cache[name], tl_cache[name], 1e-4)]
+    assert not wrong, wrong
+    assert len([n for n in cache if n in tl_cache]) >= len(cache) - 4  # all but what TL's bridge lacks

@@ -42,6 +42,9 @@ class HeadLayout:
     v_cols: np.ndarray  # [n_kv_heads, d_head]
     o_rows: np.ndarray  # [n_heads, d_head]: the output projection's input row of each head's value
     o: Linear  # the output projection
+    k_heads: np.ndarray = None  # the key operand's heads that are not repeats of an earlier one
+    qk: object = None  # the query-key MatMul: its operands are the queries and keys as attention uses them
+    rotary: bool = False  # the operands are rotated (not a re-layout of the maps' outputs)
 
     @property
     def n_heads(self) -> int:
@@ -74,6 +77,7 @@ class _Plan:
     q: Linear
     k: Linear
     qk: object  # the query-key MatMul node
+    rotary: bool
 
 
 def _plan(att: Attention) -> _Plan | str:
@@ -86,7 +90,7 @@ def _plan(att: Attention) -> _Plan | str:
     maps = [_single_map(v) for v in qk.inputs[:2]]
     if any(isinstance(m, str) for m in maps):
         return f"attention {att.o.name}: {next(m for m in maps if isinstance(m, str))}"
-    return _Plan(att, maps[0], maps[1], qk)
+    return _Plan(att, maps[0][0], maps[1][0], qk, maps[0][1] or maps[1][1])
 
 
 def _qk_product(softmax):
@@ -110,6 +114,7 @@ def _single_map(value) -> Linear | str:
     """The one linear map a query or key operand is computed from, through re-layouts, repeated
     heads and rotary embeddings (whose cos/sin branches lead to no map and are not followed)."""
     todo, seen, maps = [value], set(), {}
+    rotated = False
     while todo and len(seen) < SEARCH_LIMIT:
         v = todo.pop()
         if id(v) in seen or match.is_const(v):
@@ -124,11 +129,14 @@ def _single_map(value) -> Linear | str:
             continue
         if node.op_type in DATA_FIRST:
             todo.append(node.inputs[0])
+            rotated |= node.op_type == "Neg"
         elif node.op_type in DATA_ALL:
             todo += [i for i in node.inputs if i is not None]
+            computed = [i for i in node.inputs if i is not None and not match.is_const(i)]
+            rotated |= node.op_type in ("Add", "Sub") or (node.op_type == "Mul" and len(computed) == 2)
     if len(maps) != 1:
         return f"its queries or keys come from {len(maps)} linear maps"
-    return next(iter(maps.values()))
+    return next(iter(maps.values())), rotated
 
 
 def _measure(proto, held_out: dict, plans: dict, results: list, provider: str, path) -> None:
@@ -179,6 +187,8 @@ def _measure(proto, held_out: dict, plans: dict, results: list, provider: str, p
     for i, plan in live.items():
         if results[i] is None:
             results[i] = _layout(plan.q, plan.k, plan.att.v, plan.att.o, *codes[i])
+            if not isinstance(results[i], str):
+                results[i].qk, results[i].rotary = plan.qk, plan.rotary
 
 
 def _layout(q: Linear, k: Linear, v: Linear, o: Linear, q_codes, k_codes, o_codes) -> HeadLayout | str:
@@ -189,7 +199,8 @@ def _layout(q: Linear, k: Linear, v: Linear, o: Linear, q_codes, k_codes, o_code
     k_cols = np.moveaxis(k_codes, -1, 0)[0].reshape(-1, d_head) if k_codes.shape[-2] == d_head else None
     if k_cols is None:
         return f"{k.name}: the key operand is not [.., d_head, key]"
-    k_cols = _unique_heads(k_cols)
+    k_heads = _unique_heads(k_cols)
+    k_cols = k_cols[k_heads]
     o_rows_cols = o_codes.reshape(-1, d_head)
     if o_rows_cols.shape[0] != q_cols.shape[0]:
         return f"{v.name}: {o_rows_cols.shape[0]} value heads reach the output projection, not {q_cols.shape[0]}"
@@ -198,13 +209,13 @@ def _layout(q: Linear, k: Linear, v: Linear, o: Linear, q_codes, k_codes, o_code
     if groups * k_cols.shape[0] != q_cols.shape[0] or not np.array_equal(np.repeat(v_cols, groups, axis=0), o_rows_cols):
         return f"{v.name}: the value heads do not repeat in groups of query heads"
     o_rows = np.arange(o_rows_cols.size).reshape(o_rows_cols.shape)  # the projection reads heads in order
-    return HeadLayout(q, k, v, q_cols, k_cols, v_cols, o_rows, o)
+    return HeadLayout(q, k, v, q_cols, k_cols, v_cols, o_rows, o, k_heads)
 
 
 def _unique_heads(cols: np.ndarray) -> np.ndarray:
-    """Key heads repeated for grouped-query attention, once each."""
+    """The indices of the key heads that are not repeats of the one before (grouped-query attention)."""
     keep = [0]
     for h in range(1, cols.shape[0]):
         if not np.array_equal(cols[h], cols[keep[-1]]):
             keep.append(h)
-    return cols[keep]
+    return np.array(keep)

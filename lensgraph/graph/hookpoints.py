@@ -37,6 +37,11 @@ LAYER_POINTS = (
     "blocks.{l}.hook_resid_pre",
     "blocks.{l}.ln1.hook_scale",
     "blocks.{l}.ln1.hook_normalized",
+    "blocks.{l}.attn.hook_q",
+    "blocks.{l}.attn.hook_k",
+    "blocks.{l}.attn.hook_v",
+    "blocks.{l}.attn.hook_rot_q",
+    "blocks.{l}.attn.hook_rot_k",
     "blocks.{l}.attn.hook_attn_scores",
     "blocks.{l}.attn.hook_pattern",
     "blocks.{l}.attn.hook_z",
@@ -60,6 +65,8 @@ HEADS = "heads"  # [batch, head, pos, d_head] transposed to [batch, pos, head, d
 SCALE = "scale"  # a norm's scale, computed from its input
 NORMALIZED = "normalized"  # a norm's input divided by that scale (centred first for a LayerNorm)
 SCORES = "scores"  # attention scores, the additive mask's large negatives made -inf (TransformerLens's masking)
+COLUMNS = "columns"  # a map's output columns picked per head: [batch, pos, head, d_head]
+KEYS = "keys"  # the transposed keys [batch, head, d_head, key] as [batch, pos, head, d_head], each head once
 
 
 @dataclass(eq=False)
@@ -69,6 +76,7 @@ class Point:
     form: str
     found: str  # where it was found, in words (goes into the node's doc_string)
     norm: Norm | None = None
+    indices: object = None  # COLUMNS: [head, d_head] column indices; KEYS: the head indices to keep
 
 
 @dataclass
@@ -95,7 +103,9 @@ def template(name: str) -> str:
     return re.sub(r"^blocks\.\d+\.", "blocks.*.", name)
 
 
-def place(graph: ir.Graph, anatomy: Anatomy | None = None) -> Placement:
+def place(graph: ir.Graph, anatomy: Anatomy | None = None, model=None) -> Placement:
+    """Where each point sits; with `model` (a LensModel of this graph) the per-head queries, keys and
+    values too, whose columns are measured on its weights (graph/heads.py)."""
     anatomy = anatomy or analyse(graph)
     result = Placement(anatomy=anatomy)
     layers = anatomy.layers
@@ -127,8 +137,11 @@ def place(graph: ir.Graph, anatomy: Anatomy | None = None) -> Placement:
         put("hook_pos_embed", "no learned position table writes into the residual stream (rotary or no positions)"
             if not positions else f"{len(positions)} position tables write into the stream")
 
+    layouts = _layouts(anatomy, model)
     for layer in layers:
         l, p = layer.index, f"blocks.{layer.index}."
+        for suffix, found in _heads(p, layer, layouts).items():
+            put(p + suffix, found)
         put(p + "hook_resid_pre", Point(p + "hook_resid_pre", layer.pre, PER_POSITION, f"stream before block {l}"))
         put(p + "hook_resid_post", Point(p + "hook_resid_post", layer.post, PER_POSITION, f"stream after block {l}")
             if layer.post is not None else f"the stream after block {l} exists only inside a fused norm")
@@ -177,6 +190,47 @@ def place(graph: ir.Graph, anatomy: Anatomy | None = None) -> Placement:
     result.points = dict(sorted(result.points.items(), key=lambda kv: order[kv[0]]))
     result.unplaced = dict(sorted(result.unplaced.items(), key=lambda kv: order[kv[0]]))
     return result
+
+
+def _layouts(anatomy: Anatomy, model) -> dict:
+    """attention output projection node -> its HeadLayout or a reason."""
+    if model is None:
+        return {}
+    from ..errors import LensError
+    from .heads import head_layout
+
+    try:
+        found = head_layout(model, anatomy.attention)
+    except LensError as exc:  # the measuring run failed: every head point is absent, with why
+        found = [f"the head layout could not be measured ({exc})"] * len(anatomy.attention)
+    return {id(a.o.node): r for a, r in zip(anatomy.attention, found)}
+
+
+def _heads(p: str, layer, layouts: dict) -> dict[str, Point | str]:
+    """hook_q/k/v (each map's columns per head, before any repeat) and hook_rot_q/rot_k (the rotated
+    queries and keys the product reads)."""
+    names = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k")
+    if layer.attn is None:
+        return dict.fromkeys(names, f"block {layer.index} has no attention")
+    layout = layouts.get(id(layer.attn.linear.node), "the head layout is measured on the model's weights "
+                                                     "(placed with the model)")
+    if isinstance(layout, str):
+        return dict.fromkeys(names, layout)
+    out = {}
+    for name, lin, cols in (("attn.hook_q", layout.q, layout.q_cols), ("attn.hook_k", layout.k, layout.k_cols),
+                            ("attn.hook_v", layout.v, layout.v_cols)):
+        out[name] = Point(p + name, lin.out, COLUMNS, f"columns of {lin.name} per head", indices=cols)
+    if not layout.rotary:
+        out["attn.hook_rot_q"] = out["attn.hook_rot_k"] = "no rotary embedding: the product reads hook_q and hook_k"
+        return out
+    q, k = layout.qk.inputs[0], layout.qk.inputs[1]
+    if _rank(q) not in (None, 4) or _rank(k) not in (None, 4):
+        out["attn.hook_rot_q"] = out["attn.hook_rot_k"] = "the query-key operands are not [batch, head, ., .]"
+        return out
+    out["attn.hook_rot_q"] = Point(p + "attn.hook_rot_q", q, HEADS, f"queries entering {layout.qk.name}")
+    out["attn.hook_rot_k"] = Point(p + "attn.hook_rot_k", k, KEYS, f"keys entering {layout.qk.name}",
+                                   indices=layout.k_heads)
+    return out
 
 
 def _first_step(layer, anatomy: Anatomy) -> int:

@@ -56,7 +56,7 @@ def _points(path: str, key: tuple) -> list[str]:
     if path not in _FILES or _FILES[path][0] != key:
         model = LensModel.load(path)
         remove_hooks(model)
-        placement = place(model.graph)
+        placement = place(model.graph, model=model)
         _FILES[path] = (key, list(placement.points), _limits(placement.anatomy))
     return _FILES[path][1]
 

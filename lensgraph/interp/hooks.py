@@ -29,7 +29,9 @@ from ..graph import match
 from ..graph.hookpoints import (
     AS_IS,
     BROADCAST,
+    COLUMNS,
     HEADS,
+    KEYS,
     NORMALIZED,
     PER_POSITION,
     SCALE,
@@ -91,7 +93,7 @@ def remove_hooks(model: LensModel) -> int:
 def add_hooks(model: LensModel, points: list[str] | None = None) -> HookReport:
     """Add graph outputs at the chosen hook points (globs; default: every point placeable)."""
     report = HookReport(removed=remove_hooks(model))
-    placement: Placement = place(model.graph)
+    placement: Placement = place(model.graph, model=model)
     wanted = select(placement.names, points)
     builder = _Builder(model, placement)
     for name in wanted:
@@ -229,6 +231,19 @@ class _Builder:
             out = self._scale(point)
         elif point.form == NORMALIZED:
             out = self._scale(point, normalized=True)
+        elif point.form == COLUMNS:
+            heads, d_head = point.indices.shape
+            picked = self._node(name, "Gather", [v, self._const(name, "columns", point.indices.reshape(-1).astype(np.int64))],
+                                "each head's columns", axis=-1)
+            shape = self._node(name, "Concat", [self.ids_shape(), self._const(name, "heads", np.array([heads, d_head],
+                                                                                                      np.int64))],
+                               "[batch, pos, head, d_head]", axis=0)
+            out = self._node(name, "Reshape", [picked, shape], f"{point.found}, as [batch, pos, head, d_head]",
+                             out_name=name)
+        elif point.form == KEYS:
+            keys = self._node(name, "Transpose", [v], "[batch, key, head, d_head]", perm=[0, 3, 1, 2])
+            out = self._node(name, "Gather", [keys, self._const(name, "heads", np.asarray(point.indices, np.int64))],
+                             f"{point.found}, each key head once", out_name=name, axis=2)
         elif point.form == SCORES:
             dtype = v.dtype.numpy() if v.dtype is not None else np.float32
             floor = self._const(name, "masked_below", np.array(np.finfo(dtype).min / 2, dtype))
@@ -238,7 +253,8 @@ class _Builder:
         else:
             raise ValueError(point.form)
         out.dtype = v.dtype or self.float_type  # a graph output needs a type, if inference found none
-        self.ranks.append((out, 3 if point.form not in (AS_IS, HEADS, SCORES) else rank or 4))  # pattern, z, scores
+        self.ranks.append((out, 4 if point.form in (HEADS, COLUMNS, KEYS) else 3 if point.form not in (AS_IS, SCORES)
+                            else rank or 4))  # AS_IS: pattern or z
         self.graph.outputs.append(out)
 
     def _scale(self, point: Point, normalized: bool = False) -> ir.Value:
