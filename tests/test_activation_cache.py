@@ -69,3 +69,15 @@ def test_stack_head_results_and_logit_attrs(both):
 def test_the_cache_is_still_a_mapping(both):
     ours, _ = both
     assert isinstance(ours, dict) and "blocks.0.hook_resid_pre" in ours and isinstance(ours["hook_embed"], np.ndarray)
+
+
+def test_hook_result_is_transformerlens_head_results(both, family_exports):
+    """hook_result, added only when asked for, is TransformerLens's z through each head's W_O."""
+    _, theirs = both
+    path, _ = family_exports.processed("gpt2", "torchscript17")
+    _, ours = lensgraph.run_with_cache(path, IDS, points=["blocks.*.attn.hook_result"])
+    theirs.compute_head_results()
+    for l in range(2):
+        assert same(ours[f"blocks.{l}.attn.hook_result"], theirs[f"blocks.{l}.attn.hook_result"])
+    _, default = lensgraph.run_with_cache(path, IDS)
+    assert not [n for n in default if n.endswith("hook_result")]

@@ -13,8 +13,10 @@ from lensgraph.graph.hookpoints import all_names
 
 
 def gpt2_points(n_layers: int = 2) -> list[str]:
-    """Every point GPT-2 has: all of TransformerLens's but a gated MLP's linear branch and rotated q/k."""
-    return [n for n in all_names(n_layers) if not n.endswith(("mlp.hook_pre_linear", "hook_rot_q", "hook_rot_k"))]
+    """Every point GPT-2 has (but hook_result, added only when named): all of TransformerLens's but a gated
+    MLP's linear branch and rotated queries and keys."""
+    return [n for n in all_names(n_layers)
+            if not n.endswith(("mlp.hook_pre_linear", "hook_rot_q", "hook_rot_k", "hook_result"))]
 from lensgraph.process import process
 
 LENSGRAPH = os.path.join(os.path.dirname(sys.executable), "lensgraph")

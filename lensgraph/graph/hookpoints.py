@@ -24,6 +24,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
 from . import match
@@ -45,6 +46,7 @@ LAYER_POINTS = (
     "blocks.{l}.attn.hook_attn_scores",
     "blocks.{l}.attn.hook_pattern",
     "blocks.{l}.attn.hook_z",
+    "blocks.{l}.attn.hook_result",
     "blocks.{l}.hook_attn_out",
     "blocks.{l}.hook_resid_mid",
     "blocks.{l}.ln2.hook_scale",
@@ -67,6 +69,9 @@ NORMALIZED = "normalized"  # a norm's input divided by that scale (centred first
 SCORES = "scores"  # attention scores, the additive mask's large negatives made -inf (TransformerLens's masking)
 COLUMNS = "columns"  # a map's output columns picked per head: [batch, pos, head, d_head]
 KEYS = "keys"  # the transposed keys [batch, head, d_head, key] as [batch, pos, head, d_head], each head once
+RESULT = "result"  # each head's z through its slice of W_O: [batch, pos, head, d_model]
+# Points as large as [batch, pos, head, d_model]: added only when named, as TransformerLens's use_attn_result
+ON_REQUEST = ("attn.hook_result",)
 
 
 @dataclass(eq=False)
@@ -163,7 +168,9 @@ def place(graph: ir.Graph, anatomy: Anatomy | None = None, model=None) -> Placem
         put(p + "hook_attn_out", _term(p + "hook_attn_out", attn, anatomy))
         put(p + "attn.hook_pattern", _softmax_point(p + "attn.hook_pattern", attn, "pattern"))
         put(p + "attn.hook_attn_scores", _softmax_point(p + "attn.hook_attn_scores", attn, "scores"))
-        put(p + "attn.hook_z", _z(p + "attn.hook_z", attn))
+        z = _z(p + "attn.hook_z", attn)
+        put(p + "attn.hook_z", z)
+        put(p + "attn.hook_result", _result(p + "attn.hook_result", z, layouts.get(id(attn.linear.node)), model))
         if mlp is None:
             for suffix in ("hook_mlp_out", "mlp.hook_post", "mlp.hook_pre", "mlp.hook_pre_linear"):
                 put(p + suffix, f"block {l} has no MLP")
@@ -231,6 +238,20 @@ def _heads(p: str, layer, layouts: dict) -> dict[str, Point | str]:
     out["attn.hook_rot_k"] = Point(p + "attn.hook_rot_k", k, KEYS, f"keys entering {layout.qk.name}",
                                    indices=layout.k_heads)
     return out
+
+
+def _result(name: str, z, layout, model) -> Point | str:
+    """Each head's output through its rows of the output projection (its z times its slice of W_O)."""
+    if isinstance(z, str):
+        return z
+    if layout is None or isinstance(layout, str):
+        return layout or "the head layout is measured on the model's weights (placed with the model)"
+    from ..store.weights import LinearWeights
+
+    w_o = LinearWeights(model.weights).weight(layout.o)
+    per_head = np.stack([w_o[rows] for rows in layout.o_rows]).astype(layout.o.source.dtype.numpy())
+    return Point(name, z.value, RESULT, f"{z.found}, through each head's rows of {layout.o.name}",
+                 indices=(per_head, z.form))
 
 
 def _first_step(layer, anatomy: Anatomy) -> int:

@@ -33,7 +33,9 @@ from ..graph.hookpoints import (
     HEADS,
     KEYS,
     NORMALIZED,
+    ON_REQUEST,
     PER_POSITION,
+    RESULT,
     SCALE,
     SCORES,
     Placement,
@@ -59,8 +61,8 @@ class HookReport:
 
 def select(names: list[str], patterns: list[str] | None) -> list[str]:
     """Names matching any glob in `patterns` (all names when None); a glob matching nothing is an error."""
-    if patterns is None:
-        return list(names)
+    if patterns is None:  # every point but the large ones, which are added only when named
+        return [n for n in names if not n.endswith(ON_REQUEST)]
     if isinstance(patterns, str):
         patterns = [patterns]
     if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
@@ -244,6 +246,12 @@ class _Builder:
             keys = self._node(name, "Transpose", [v], "[batch, key, head, d_head]", perm=[0, 3, 1, 2])
             out = self._node(name, "Gather", [keys, self._const(name, "heads", np.asarray(point.indices, np.int64))],
                              f"{point.found}, each key head once", out_name=name, axis=2)
+        elif point.form == RESULT:
+            w_o, z_form = point.indices
+            z = v if z_form == AS_IS else self._node(name, "Transpose", [v], "[batch, pos, head, d_head]",
+                                                     perm=[0, 2, 1, 3])
+            out = self._node(name, "Einsum", [z, self._const(name, "W_O", w_o)], f"{point.found}",
+                             out_name=name, equation="bphd,hdm->bphm")
         elif point.form == SCORES:
             dtype = v.dtype.numpy() if v.dtype is not None else np.float32
             floor = self._const(name, "masked_below", np.array(np.finfo(dtype).min / 2, dtype))
@@ -253,7 +261,7 @@ class _Builder:
         else:
             raise ValueError(point.form)
         out.dtype = v.dtype or self.float_type  # a graph output needs a type, if inference found none
-        self.ranks.append((out, 4 if point.form in (HEADS, COLUMNS, KEYS) else 3 if point.form not in (AS_IS, SCORES)
+        self.ranks.append((out, 4 if point.form in (HEADS, COLUMNS, KEYS, RESULT) else 3 if point.form not in (AS_IS, SCORES)
                             else rank or 4))  # AS_IS: pattern or z
         self.graph.outputs.append(out)
 
