@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from transformer_lens.weight_processing import ProcessWeights
 
 import lensgraph
