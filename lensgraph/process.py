@@ -12,6 +12,7 @@ import time
 from .errors import BadInputError, VerificationError
 from .graph.anatomy import analyse, nothing_to_rewrite
 from .pipeline import Pass, PassManager, PassResult
+from .store.atomic import data_files_of
 from .store.folder import StagedFolder, is_model_folder, model_file
 from .store.model import LensModel
 from .verify import check_tolerance
@@ -125,8 +126,6 @@ def _process_folder(src: str, dst, in_place: bool, **options) -> dict:
 
 
 def _data_files(model: str) -> list[str]:
-    from .store.atomic import data_files_of
-
     return [os.path.join(os.path.dirname(model), name) for name in data_files_of(model)]
 
 

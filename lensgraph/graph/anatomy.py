@@ -108,6 +108,7 @@ class Anatomy:
     layers_blocker: str | None = None
     notes: list[str] = field(default_factory=list)
     chain: Chain | None = None
+    head_softmax: dict = field(default_factory=dict)  # id(head norm) -> the attention Softmax it feeds
 
     @property
     def d_model(self) -> int | None:
@@ -353,8 +354,9 @@ def _assign_roles(anatomy: Anatomy, chain: Chain) -> None:
             norm.role = "reader"
         elif id(norm.output) in terms:
             norm.role = "sublayer_output"
-        elif _softmax_after(norm) is not None:
+        elif (softmax := _softmax_after(norm)) is not None:
             norm.role = "head"
+            anatomy.head_softmax[id(norm)] = softmax
         elif not stream and norm.blocker is None:
             norm.role = "reader"  # no stream traced: a norm read by linear maps only is still foldable
         else:
@@ -380,7 +382,7 @@ def _softmax_after(norm: Norm) -> ir.Node | None:
         for node, _ in match.value_uses(value):
             if node.op_type == "Softmax":
                 return node
-            if node.op_type in LINEAR_OPS and as_linear(node) is not None and not isinstance(as_linear(node), str):
+            if node.op_type in LINEAR_OPS and not isinstance(as_linear(node), str):
                 continue
             todo += list(node.outputs)
     return None
@@ -505,7 +507,7 @@ def _number(anatomy: Anatomy) -> None:
     heads: dict[int, list[Norm]] = {}
     for norm in anatomy.norms:
         if norm.role == "head":
-            heads.setdefault(id(_softmax_after(norm)), []).append(norm)
+            heads.setdefault(id(anatomy.head_softmax.get(id(norm))), []).append(norm)
     for layer in anatomy.layers:
         for writer in (layer.attn, layer.mlp):
             if writer is None:

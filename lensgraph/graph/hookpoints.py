@@ -128,7 +128,7 @@ def place(graph: ir.Graph, anatomy: Anatomy | None = None, model=None) -> Placem
         else:
             result.unplaced[name] = found
 
-    embeds = [w for w in anatomy.writers if w.step is not None and w.step < _first_step(layers[0], anatomy)
+    embeds = [w for w in anatomy.writers if w.step is not None and w.step < _first_step(layers[0])
               and w.kind != "bias"]
     token = next((w for w in embeds if w.step == -1), None)
     put("hook_embed", Point("hook_embed", token.value, PER_POSITION, f"token embedding {token.node.name}"
@@ -254,7 +254,7 @@ def _result(name: str, z, layout, model) -> Point | str:
                  indices=(per_head, z.form))
 
 
-def _first_step(layer, anatomy: Anatomy) -> int:
+def _first_step(layer) -> int:
     return layer.attn.step if layer.attn is not None else 0
 
 

@@ -47,13 +47,6 @@ class Chain:
     values: dict[int, ir.Value] = field(default_factory=dict)  # every stream tensor and its no-op copies
     blocker: str | None = None
 
-    @property
-    def top(self) -> ir.Value | None:
-        """The last stream tensor (the one the final norm reads)."""
-        for step in reversed(self.steps):
-            return step.after
-        return self.base
-
 
 def trace(graph: ir.Graph, norms: list[Norm], vocab: int | None) -> Chain:
     token, why = token_embedding(graph, vocab)

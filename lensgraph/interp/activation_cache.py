@@ -18,6 +18,9 @@ import functools
 import numpy as np
 
 from ..errors import LensError
+from ..graph.anatomy import analyse
+from ..store.model import LensModel
+from .tl_weights import tl_weights
 
 
 class ActivationCache(dict):
@@ -31,10 +34,6 @@ class ActivationCache(dict):
         if self.model_path is None:
             raise LensError("this cache came from an onnxruntime session: its helpers need the model file "
                             "(run_with_cache with a path)")
-        from ..graph.anatomy import analyse
-        from ..store.model import LensModel
-        from .tl_weights import tl_weights
-
         model = LensModel.load(self.model_path)
         anatomy = analyse(model.graph)
         final = anatomy.final_norm

@@ -21,11 +21,11 @@ from ..errors import BadInputError
 from ..graph import match
 from ..graph.hookpoints import place
 from ..store.model import LensModel
-from ..store.runner import FLOAT_TYPES, Runner
+from ..store.runner import FLOAT_TYPES, Runner, cache_dims, empty_past
 from .activation_cache import ActivationCache
 from .hooks import add_hooks, remove_hooks, select
 
-_FILES: dict[str, tuple[tuple, list[str], tuple]] = {}  # path -> (file key, placeable points, id limits)
+_FILES: dict[str, tuple] = {}  # path -> (file key, placeable points, id limits, KV-cache head sizes)
 _SESSIONS: dict[tuple, object] = {}
 
 
@@ -57,7 +57,7 @@ def _points(path: str, key: tuple) -> list[str]:
         model = LensModel.load(path)
         remove_hooks(model)
         placement = place(model.graph, model=model)
-        _FILES[path] = (key, list(placement.points), _limits(placement.anatomy))
+        _FILES[path] = (key, list(placement.points), _limits(placement.anatomy), cache_dims(path))
     return _FILES[path][1]
 
 
@@ -87,17 +87,17 @@ def run_with_cache(model, input_ids, attention_mask=None, points=None, provider:
 
     if isinstance(model, ort.InferenceSession):
         sess = model
-        limits = (None, None)
+        limits, dims_known = (None, None), {}
         outputs = [o.name for o in sess.get_outputs()]
         logits = "logits" if "logits" in outputs else outputs[0]
         wanted = select([n for n in outputs if is_point(n)], points)
     else:
         sess = session(model, provider, points)
-        limits = _FILES[_file_key(model)[0]][2]
+        _, _, limits, dims_known = _FILES[_file_key(model)[0]]
         outputs = [o.name for o in sess.get_outputs()]
         logits = "logits" if "logits" in outputs else outputs[0]
         wanted = [n for n in outputs if is_point(n)]  # not the KV cache's present.* outputs
-    values = sess.run([logits] + wanted, _feeds(sess, token_ids(input_ids, *limits), attention_mask))
+    values = sess.run([logits] + wanted, _feeds(sess, token_ids(input_ids, *limits), attention_mask, dims_known))
     path = None if isinstance(model, ort.InferenceSession) else _file_key(model)[0]
     return values[0], ActivationCache(dict(zip(wanted, values[1:])), path)
 
@@ -125,15 +125,12 @@ def token_ids(input_ids, vocab: int | None, positions: int | None) -> np.ndarray
     return ids
 
 
-def _feeds(sess, ids: np.ndarray, attention_mask) -> dict:
+def _feeds(sess, ids: np.ndarray, attention_mask, dims_known: dict) -> dict:
     feeds = {}
     for inp in sess.get_inputs():
         dtype = np.int32 if inp.type == "tensor(int32)" else np.int64
         if "past" in inp.name and inp.type in FLOAT_TYPES:  # a KV-cache graph at its first step: an empty past
-            dims = [d if isinstance(d, int) else None for d in inp.shape]
-            if len(dims) != 4 or dims[1] is None or dims[3] is None:
-                raise BadInputError(f"cannot make an empty cache for input {inp.name} {inp.shape}")
-            feeds[inp.name] = np.zeros((ids.shape[0], dims[1], 0, dims[3]), FLOAT_TYPES[inp.type])
+            feeds[inp.name] = empty_past(inp, ids.shape[0], dims_known, "run_with_cache")
         elif "mask" in inp.name:
             mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
             feeds[inp.name] = mask.reshape(ids.shape).astype(dtype)

@@ -24,8 +24,7 @@ import numpy as np
 
 from ..errors import BadInputError
 from ..store.folder import is_model_folder, model_file
-from ..store.runner import FLOAT_TYPES, config_cache_dims, fused_cache_dims
-from ..store.safety import open_model
+from ..store.runner import cache_dims, empty_past
 from ..store.model import LensModel
 from .cache import is_point, session, token_ids
 from .hooks import add_hooks
@@ -62,8 +61,7 @@ def generate(model, prompt_ids, max_new_tokens: int, points=None, do_sample: boo
 
 def _generate_onnxruntime(path, prompt_ids, n, points, do_sample, seed, eos, provider) -> Generation:
     sess = session(path, provider, points or [])
-    graph = open_model(path)[0].graph
-    cache_dims = {**config_cache_dims(path), **fused_cache_dims(graph)}
+    dims_known = cache_dims(path)
     inputs = {i.name: i for i in sess.get_inputs()}
     past = {name: PAST.match(name) for name in inputs if PAST.match(name)}
     if not past:
@@ -78,14 +76,7 @@ def _generate_onnxruntime(path, prompt_ids, n, points, do_sample, seed, eos, pro
     hooks = [o for o in outputs if is_point(o)]
     tokens = prompt = token_ids(prompt_ids, None, None).astype(np.int64)
     batch = tokens.shape[0]
-    cache = {}
-    for name in past:
-        dims = [d if isinstance(d, int) else None for d in inputs[name].shape]
-        if len(dims) == 4 and dims[3] is None:
-            dims[3] = cache_dims.get(name)
-        if len(dims) != 4 or dims[1] is None or dims[3] is None:
-            raise BadInputError(f"{path}: cannot make an empty cache for input {name} {inputs[name].shape}")
-        cache[name] = np.zeros((batch, dims[1], 0, dims[3]), FLOAT_TYPES[inputs[name].type])
+    cache = {name: empty_past(inputs[name], batch, dims_known, path) for name in past}
     rng = np.random.default_rng(seed)
     steps, step_ids, done = [], tokens, np.zeros(batch, bool)
     for _ in range(n):

@@ -57,8 +57,7 @@ class Runner:
 
     def _source(self, model):
         if isinstance(model, (str, os.PathLike)):
-            self.cache_dims = {**config_cache_dims(os.fspath(model)),
-                               **fused_cache_dims(open_model(os.fspath(model))[0].graph)}
+            self.cache_dims = cache_dims(os.fspath(model))
             return os.fspath(model)
         if isinstance(model, LensModel):  # streamed to a private folder: no whole-model copy in memory
             self._tmp = tempfile.TemporaryDirectory()
@@ -85,13 +84,9 @@ class Runner:
                 continue
             if "past" in name and inp.type in FLOAT_TYPES:
                 # an empty cache: each graph's own cache differs (a folded value bias is not in it)
-                dims = [d if isinstance(d, int) else None for d in inp.shape]
-                if len(dims) == 4 and dims[3] is None:
-                    dims[3] = self.cache_dims.get(name)
-                if len(dims) < 2 or dims[0] is not None or any(d is None for d in dims[1:-2] + dims[-1:]):
+                if inp.shape and isinstance(inp.shape[0], int):
                     raise BadInputError(f"{self.label}: cannot make an empty cache for input {name} {inp.shape}")
-                shape = [batch] + [0 if d is None else d for d in dims[1:]]
-                feeds[name] = np.zeros(shape, FLOAT_TYPES[inp.type])
+                feeds[name] = empty_past(inp, batch, self.cache_dims, self.label)
                 continue
             if inp.type not in ("tensor(int64)", "tensor(int32)"):
                 raise BadInputError(f"{self.label}: cannot make a value for input {name} ({inp.type})")
@@ -125,6 +120,22 @@ class Runner:
             return self.session.run(names, feeds)
         except Exception as exc:
             raise BadInputError(f"{self.label}: onnxruntime failed to run it ({str(exc).splitlines()[0][:300]})") from exc
+
+
+def empty_past(inp, batch: int, dims_known: dict, label: str) -> np.ndarray:
+    """An empty KV cache for onnxruntime input `inp`, a graph's first step: [batch, ..., 0, head_size]
+    (a head size declared symbolically is taken from `dims_known`)."""
+    dims = [d if isinstance(d, int) else None for d in inp.shape]
+    if len(dims) >= 2 and dims[-1] is None:
+        dims[-1] = dims_known.get(inp.name)
+    if len(dims) < 2 or any(d is None for d in dims[1:-2] + dims[-1:]):
+        raise BadInputError(f"{label}: cannot make an empty cache for input {inp.name} {inp.shape}")
+    return np.zeros([batch] + [0 if d is None else d for d in dims[1:]], FLOAT_TYPES[inp.type])
+
+
+def cache_dims(path: str) -> dict[str, int]:
+    """{KV-cache input: head size} for a model file: from genai_config.json beside it, or its fused attention."""
+    return {**config_cache_dims(path), **fused_cache_dims(open_model(path)[0].graph)}
 
 
 def config_cache_dims(model_path: str | None) -> dict[str, int]:
