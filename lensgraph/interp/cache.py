@@ -30,14 +30,21 @@ _SESSIONS: dict[tuple, object] = {}
 
 
 def session(model: str | os.PathLike, provider: str = "CPUExecutionProvider", points=None):
-    """The onnxruntime session for a model file with the chosen hook outputs (globs; None: all)."""
+    """The onnxruntime session for a model file with the chosen hook outputs (globs; None: all),
+    each output named as its point."""
+    return _session(model, provider, points, copies=True)[0]
+
+
+def _session(model, provider: str, points, copies: bool) -> tuple:
+    """(session, {point: graph output}); without `copies`, a point that is a tensor of the graph
+    is fetched as that tensor (see hooks.add_hooks)."""
     path, key = _file_key(model)
     names = select(_points(path, key), points)
-    skey = key + (provider, tuple(names))
+    skey = key + (provider, tuple(names), copies)
     if skey not in _SESSIONS:
         for old in [k for k in _SESSIONS if k[0] == path and k[:len(key)] != key]:
             del _SESSIONS[old]  # the file changed since
-        _SESSIONS[skey] = _open(path, provider, names)
+        _SESSIONS[skey] = _open(path, provider, names, copies)
     return _SESSIONS[skey]
 
 
@@ -69,10 +76,10 @@ def _limits(anatomy) -> tuple[int | None, int | None]:
     return vocab, (shape[0] if shape else None)
 
 
-def _open(path: str, provider: str, names: list[str]):
+def _open(path: str, provider: str, names: list[str], copies: bool) -> tuple:
     model = LensModel.load(path)
-    add_hooks(model, names)
-    return Runner(model, provider, label=path).session
+    report = add_hooks(model, names, copies=copies)
+    return Runner(model, provider, label=path).session, report.outputs
 
 
 def run_with_cache(model, input_ids, attention_mask=None, points=None, provider: str = "CPUExecutionProvider"):
@@ -86,20 +93,29 @@ def run_with_cache(model, input_ids, attention_mask=None, points=None, provider:
     import onnxruntime as ort
 
     if isinstance(model, ort.InferenceSession):
-        sess = model
+        sess, path = model, None
         limits, dims_known = (None, None), {}
         outputs = [o.name for o in sess.get_outputs()]
-        logits = "logits" if "logits" in outputs else outputs[0]
-        wanted = select([n for n in outputs if is_point(n)], points)
+        held = {n: n for n in select([n for n in outputs if is_point(n)], points)}
     else:
-        sess = session(model, provider, points)
-        _, _, limits, dims_known = _FILES[_file_key(model)[0]]
+        sess, held = _session(model, provider, points, copies=False)
+        path = _file_key(model)[0]
+        _, _, limits, dims_known = _FILES[path]
         outputs = [o.name for o in sess.get_outputs()]
-        logits = "logits" if "logits" in outputs else outputs[0]
-        wanted = [n for n in outputs if is_point(n)]  # not the KV cache's present.* outputs
-    values = sess.run([logits] + wanted, _feeds(sess, token_ids(input_ids, *limits), attention_mask, dims_known))
-    path = None if isinstance(model, ort.InferenceSession) else _file_key(model)[0]
-    return values[0], ActivationCache(dict(zip(wanted, values[1:])), path)
+    logits = "logits" if "logits" in outputs else outputs[0]
+    fetch = [logits] + [n for n in dict.fromkeys(held.values()) if n != logits]
+    feeds = _feeds(sess, token_ids(input_ids, *limits), attention_mask, dims_known)
+    values = dict(zip(fetch, _run(sess, fetch, feeds)))
+    return values[logits], ActivationCache({point: values[out] for point, out in held.items()}, path)
+
+
+def _run(sess, names: list[str], feeds: dict) -> list[np.ndarray]:
+    """The outputs as numpy arrays over onnxruntime's own buffers (each array keeps its buffer
+    alive), which saves copying every activation once more."""
+    import onnxruntime as ort
+
+    inputs = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+    return [v.numpy() for v in sess.run_with_ort_values(names, inputs)]
 
 
 def is_point(name: str) -> bool:

@@ -9,7 +9,9 @@ builds run every node whatever is fetched, so each hook costs its copy on every 
 add only the points you need, or let run_with_cache choose per call.
 
 Hook nodes carry `lensgraph.hook` metadata; adding hooks first removes earlier ones, so
-it can be repeated with other points.
+it can be repeated with other points. For a session that lives only in memory
+(run_with_cache), `copies=False` lists a point that is already a tensor of the graph as
+that tensor, saving its copy; `HookReport.outputs` then says which output is which point.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class HookReport:
     added: list[str] = field(default_factory=list)
     unplaced: dict[str, str] = field(default_factory=dict)  # wanted but not placeable, with the reason
     removed: int = 0  # hook outputs from an earlier run that were replaced
+    outputs: dict[str, str] = field(default_factory=dict)  # point -> the graph output holding it
 
     def to_dict(self) -> dict:
         return {"added": self.added, "unplaced": self.unplaced, "removed": self.removed}
@@ -92,15 +95,18 @@ def remove_hooks(model: LensModel) -> int:
     return len(hooks)
 
 
-def add_hooks(model: LensModel, points: list[str] | None = None) -> HookReport:
-    """Add graph outputs at the chosen hook points (globs; default: every point placeable)."""
+def add_hooks(model: LensModel, points: list[str] | None = None, copies: bool = True) -> HookReport:
+    """Add graph outputs at the chosen hook points (globs; default: every point placeable).
+
+    With `copies=False` (a model that is run, never saved) a point that is a tensor of the
+    graph as it stands is that tensor's own output rather than a named copy."""
     report = HookReport(removed=remove_hooks(model))
     placement: Placement = place(model.graph, model=model)
     wanted = select(placement.names, points)
-    builder = _Builder(model, placement)
+    builder = _Builder(model, placement, copies)
     for name in wanted:
         if name in placement.points:
-            builder.add(placement.points[name])
+            report.outputs[name] = builder.add(placement.points[name]).name
             report.added.append(name)
         else:
             report.unplaced[name] = placement.unplaced[name]
@@ -131,8 +137,9 @@ def _summarise(names: list[str]) -> str:
 class _Builder:
     """Appends hook nodes; shared helpers (the ids' shape) are made once."""
 
-    def __init__(self, model: LensModel, placement: Placement):
+    def __init__(self, model: LensModel, placement: Placement, copies: bool = True):
         self.model = model
+        self.copies = copies
         self.graph = model.graph
         anatomy = placement.anatomy
         self.norm_of = {id(n): norm for norm in (anatomy.norms if anatomy else []) for n in norm.nodes}
@@ -211,12 +218,20 @@ class _Builder:
         return self._copies[id(value)]
 
     # -- one point --------------------------------------------------------------------
-    def add(self, point: Point) -> None:
+    def add(self, point: Point) -> ir.Value:
+        """The graph output that holds the point."""
         name, v = point.name, point.value
         if point.form in (PER_POSITION, SCALE, NORMALIZED):
             v = self.private_copy(name, v)
         rank = None if v.shape is None else len(v.shape)
-        if point.form == AS_IS or (point.form == PER_POSITION and rank == 3):
+        as_is = point.form == AS_IS or (point.form == PER_POSITION and rank == 3)
+        if as_is and not self.copies and v.producer() is not None and v.name:
+            if not v.is_graph_output():
+                v.dtype = v.dtype or self.float_type
+                self.ranks.append((v, rank or 4))
+                self.graph.outputs.append(v)
+            return v
+        if as_is:
             out = self._node(name, "Identity", [v], f"{point.found}", out_name=name)
         elif point.form == PER_POSITION:
             shape = self._node(name, "Concat", [self.ids_shape(), self._const(name, "rest", np.array([-1], np.int64))],
@@ -235,8 +250,7 @@ class _Builder:
             out = self._scale(point, normalized=True)
         elif point.form == COLUMNS:
             heads, d_head = point.indices.shape
-            picked = self._node(name, "Gather", [v, self._const(name, "columns", point.indices.reshape(-1).astype(np.int64))],
-                                "each head's columns", axis=-1)
+            picked = self._columns(name, v, point.indices.reshape(-1).astype(np.int64))
             shape = self._node(name, "Concat", [self.ids_shape(), self._const(name, "heads", np.array([heads, d_head],
                                                                                                       np.int64))],
                                "[batch, pos, head, d_head]", axis=0)
@@ -253,17 +267,32 @@ class _Builder:
             out = self._node(name, "Einsum", [z, self._const(name, "W_O", w_o)], f"{point.found}",
                              out_name=name, equation="bphd,hdm->bphm")
         elif point.form == SCORES:
+            # x4 then /4: exact (powers of two) for every score below a quarter of the float range,
+            # and the additive mask's large negatives overflow to -inf; two scalar products cost
+            # half what a comparison and a select over every score do
             dtype = v.dtype.numpy() if v.dtype is not None else np.float32
-            floor = self._const(name, "masked_below", np.array(np.finfo(dtype).min / 2, dtype))
-            masked = self._node(name, "Less", [v, floor], "positions the additive mask removed")
-            minus_inf = self._const(name, "minus_inf", np.array(-np.inf, dtype))
-            out = self._node(name, "Where", [masked, minus_inf, v], f"{point.found}", out_name=name)
+            up = self._node(name, "Mul", [v, self._const(name, "four", np.array(4, dtype))],
+                            "x4: the additive mask's large negatives overflow to -inf")
+            out = self._node(name, "Mul", [up, self._const(name, "quarter", np.array(0.25, dtype))],
+                             f"{point.found}, masked positions -inf", out_name=name)
         else:
             raise ValueError(point.form)
         out.dtype = v.dtype or self.float_type  # a graph output needs a type, if inference found none
         self.ranks.append((out, 4 if point.form in (HEADS, COLUMNS, KEYS, RESULT) else 3 if point.form not in (AS_IS, SCORES)
                             else rank or 4))  # AS_IS: pattern or z
         self.graph.outputs.append(out)
+        return out
+
+    def _columns(self, name: str, v: ir.Value, columns: np.ndarray) -> ir.Value:
+        """The chosen last-axis columns of v: a Slice where they are one run in order (as in
+        most exports), which copies far faster than a Gather."""
+        start = int(columns[0])
+        if self.opset < 10 or not np.array_equal(columns, np.arange(start, start + len(columns))):
+            return self._node(name, "Gather", [v, self._const(name, "columns", columns)], "each head's columns", axis=-1)
+        return self._node(name, "Slice", [v, self._const(name, "start", np.array([start], np.int64)),
+                                          self._const(name, "end", np.array([start + len(columns)], np.int64)),
+                                          self._const(name, "axis", np.array([-1], np.int64))],
+                          "the heads' columns, in order")
 
     def _scale(self, point: Point, normalized: bool = False) -> ir.Value:
         """sqrt(mean((x - mean x)^2) + eps), or sqrt(mean(x^2) + eps) for an RMSNorm; with
