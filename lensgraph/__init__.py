@@ -1,19 +1,54 @@
-"""lensgraph: TransformerLens-style weight processing on exported ONNX graphs."""
+"""lensgraph: TransformerLens-style weight processing on exported ONNX graphs.
+
+The names below are imported on first use, so `import lensgraph` (and every CLI command)
+pays only for the modules it needs: onnx, onnx-ir and onnxruntime take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 from ._version import __version__
 from .errors import BadInputError, LensError, VerificationError
-from .interp.activation_cache import ActivationCache
-from .interp.cache import run_with_cache
-from .interp.generate import Generation, generate
-from .interp.hooks import add_hooks
-from .interp.tl_weights import TLWeights, tl_weights
-from .interp.tokens import to_str_tokens
-from .pipeline import DEFAULT_PIPELINE, Pass, PassManager, PassResult
-from .process import process
-from .store.model import LensModel
-from .verify import verify
+
+_WHERE = {
+    "ActivationCache": ".interp.activation_cache", "run_with_cache": ".interp.cache",
+    "Generation": ".interp.generate", "generate": ".interp.generate", "add_hooks": ".interp.hooks",
+    "TLWeights": ".interp.tl_weights", "tl_weights": ".interp.tl_weights", "to_str_tokens": ".interp.tokens",
+    "DEFAULT_PIPELINE": ".passes", "Pass": ".pipeline", "PassManager": ".pipeline", "PassResult": ".pipeline",
+    "process": ".process", "LensModel": ".store.model", "verify": ".verify",
+    "from_pretrained": ".convert", "from_pretrained_no_processing": ".convert",
+}
 
 __all__ = [
     "ActivationCache", "BadInputError", "DEFAULT_PIPELINE", "Generation", "LensError", "LensModel", "Pass", "PassManager",
-    "PassResult", "TLWeights", "VerificationError", "add_hooks", "generate", "process", "run_with_cache", "tl_weights", "to_str_tokens", "verify", "__version__",
+    "PassResult", "TLWeights", "VerificationError", "__version__", "add_hooks", "from_pretrained",
+    "from_pretrained_no_processing", "generate", "process", "run_with_cache", "tl_weights", "to_str_tokens", "verify",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'lensgraph' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule `lensgraph.process` (or `.verify`) would rebind `lensgraph.process`
+    to the module; the package's name stays the function, as `from .process import process` left it."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _WHERE and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -12,8 +12,6 @@ import os
 import sys
 import traceback
 
-import numpy as np
-
 from ._version import __version__
 from .errors import BadInputError, LensError
 
@@ -28,11 +26,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from . import progress
 
-    progress.set_enabled(not getattr(args, "quiet", False))
-    progress.set_debug(bool(getattr(args, "debug", False)))
+    progress.set_enabled(not args.quiet)
+    progress.set_debug(args.debug)
     try:
-        if args.debug:
+        if args.debug or args.func in _LIGHT:  # _LIGHT commands import nothing numerical
             return args.func(args) or 0
+        import numpy as np
+
         with np.errstate(all="ignore"):  # NaN/overflow in a broken model's weights: verification judges
             return args.func(args) or 0
     except LensError as exc:
@@ -54,65 +54,105 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+# TransformerLens's from_pretrained switches, as on/off flags: (flag, keyword, TL's default)
+SWITCHES = (("--no-fold-ln", "fold_ln", True), ("--no-center-writing-weights", "center_writing_weights", True),
+            ("--no-center-unembed", "center_unembed", True), ("--no-fold-value-biases", "fold_value_biases", True),
+            ("--refactor-factored-attn-matrices", "refactor_factored_attn_matrices", False))
+PROVIDER_HELP = "onnxruntime execution provider for verification (default: CPUExecutionProvider)"
+
+
 def _parser() -> argparse.ArgumentParser:
+    def flags(p: argparse.ArgumentParser, top: bool) -> None:
+        # on a subcommand the defaults are suppressed, so a flag given before the subcommand
+        # is not reset by the subcommand's own default
+        default = {} if top else {"default": argparse.SUPPRESS}
+        p.add_argument("--debug", action="store_true", help="show tracebacks and library logs (default: off)",
+                       **default)
+        p.add_argument("--quiet", "-q", action="store_true", help="print only errors; no progress bars (default: off)",
+                       **default)
+
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    common.add_argument("--quiet", "-q", action="store_true", help="print only errors")
-    parser = argparse.ArgumentParser(prog="lensgraph", parents=[common],
-                                     description="TransformerLens-style weight processing on ONNX graphs")
+    flags(common, top=False)
+    parser = argparse.ArgumentParser(prog="lensgraph", description="TransformerLens-style weight processing on "
+                                     "ONNX graphs. --debug and --quiet go before or after the command.")
+    flags(parser, top=True)
     parser.add_argument("--version", action="version", version=f"lensgraph {__version__}")
     sub = parser.add_subparsers(title="commands")
 
-    p = sub.add_parser("export", parents=[common], help="export a HuggingFace causal LM to ONNX")
-    p.add_argument("source", help="HuggingFace model id or local checkpoint folder")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
-    p.add_argument("--opset", type=int, default=None)
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check")
+    p = sub.add_parser("convert", parents=[common], help="export a checkpoint and process it into a folder, in one step")
+    p.add_argument("source", help="HuggingFace model id, local checkpoint folder, or .gguf file")
+    p.add_argument("-o", "--output", required=True, metavar="FOLDER",
+                   help="the folder to write: model.onnx, tokenizer files, lensgraph.json")
+    p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo", "genai"], default="auto",
+                   help="auto: TorchScript, else dynamo where TorchScript fails; genai: an onnxruntime-genai folder "
+                        "(default: auto)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="weights' type (default: float32)")
     p.add_argument("--with-cache", action="store_true",
-                   help="a generation step with past_key_values.* inputs and present.* outputs (torchscript)")
+                   help="a decoder step with past_key_values.* inputs and present.* outputs (default: off)")
+    p.add_argument("--hooks", nargs="+", metavar="GLOB",
+                   help="also add these hook points as outputs, e.g. 'blocks.*.hook_resid_post' (default: none)")
+    _pipeline_options(p, explicit=False)
+    p.add_argument("--no-verify", action="store_true", help="skip the equivalence check (default: verify)")
+    p.add_argument("--report", help="also write the JSON report here (default: only lensgraph.json in the folder)")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("export", parents=[common], help="export a HuggingFace causal LM to ONNX")
+    p.add_argument("source", help="HuggingFace model id, local checkpoint folder, or .gguf file")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                   help="torch.onnx exporter (default: dynamo)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset to target (default: the exporter's: 17 for torchscript, 18+ for dynamo)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="weights' type (default: float32)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check (default: check)")
+    p.add_argument("--with-cache", action="store_true",
+                   help="a generation step with past_key_values.* inputs and present.* outputs (torchscript; "
+                        "default: off)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("process", parents=[common], help="apply the weight-processing passes")
-    p.add_argument("input")
+    p.add_argument("input", help="an ONNX model, or an onnxruntime-genai folder")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("-o", "--output", help="where to write the processed model (never the input)")
     target.add_argument("--in-place", action="store_true", help="replace the input model (atomically)")
-    p.add_argument("--passes", default=None,
-                   help="comma-separated pipeline (default: fold_ln,center_writing_weights,center_unembed,fold_value_biases)")
-    p.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
-    p.add_argument("--report", help="write the JSON report here")
+    _pipeline_options(p, explicit=True)
+    p.add_argument("--no-verify", action="store_true", help="skip the equivalence check (default: verify)")
+    p.add_argument("--report", help="write the JSON report here (default: none)")
     p.add_argument("--external-data", nargs="?", const=True, default=None, metavar="NAME",
-                   help="store weights in a separate data file (default name: OUTPUT.data)")
-    p.add_argument("--provider", default="CPUExecutionProvider")
+                   help="store weights in a separate data file, named NAME or OUTPUT.data (default: only models "
+                        "over 1.5 GiB or with external data already)")
+    p.add_argument("--provider", default="CPUExecutionProvider", help=PROVIDER_HELP)
     p.set_defaults(func=_process)
 
     p = sub.add_parser("verify", parents=[common], help="check B is equivalent to A (logits up to a per-position constant)")
-    p.add_argument("a")
-    p.add_argument("b")
-    p.add_argument("--tolerance", type=float, default=None)
-    p.add_argument("--provider", default="CPUExecutionProvider")
+    p.add_argument("a", help="the original model")
+    p.add_argument("b", help="the rewritten model")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest centred-logit difference allowed, relative to the logit scale (default: 1e-4 for "
+                        "float32, 2e-2 for float16)")
+    p.add_argument("--provider", default="CPUExecutionProvider", help=PROVIDER_HELP)
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("inspect", parents=[common], help="show what lensgraph finds in a model")
-    p.add_argument("model")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("model", help="an ONNX model")
+    p.add_argument("--json", action="store_true", help="print it as JSON (default: text)")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("hooks", parents=[common], help="add TransformerLens hook points as graph outputs")
-    p.add_argument("input")
+    p.add_argument("input", help="an ONNX model")
     p.add_argument("-o", "--output", help="where to write the model with hook outputs")
     p.add_argument("--points", nargs="+", metavar="GLOB",
-                   help="hook points to add, as globs (default: every point that can be placed), "
-                        "e.g. 'blocks.*.hook_resid_post'")
-    p.add_argument("--list", action="store_true", help="list the points and why any cannot be placed; write nothing")
+                   help="hook points to add, as globs, e.g. 'blocks.*.hook_resid_post' (default: every point that "
+                        "can be placed but hook_result, which is added only when named)")
+    p.add_argument("--list", action="store_true",
+                   help="list the points and why any cannot be placed; write nothing (default: off)")
     p.set_defaults(func=_hooks)
 
     p = sub.add_parser("weights", parents=[common], help="list or save the weights under TransformerLens's names")
-    p.add_argument("model")
-    p.add_argument("--names", action="append", help="glob over the names (repeatable), e.g. 'blocks.0.attn.*'")
-    p.add_argument("-o", "--output", help="save them to this .safetensors file")
+    p.add_argument("model", help="an ONNX model")
+    p.add_argument("--names", action="append", help="glob over the names (repeatable), e.g. 'blocks.0.attn.*' "
+                   "(default: every weight)")
+    p.add_argument("-o", "--output", help="save them to this .safetensors file (default: list them)")
     p.set_defaults(func=_weights)
 
     p = sub.add_parser("generate", parents=[common], help="generate tokens from a KV-cache graph or an "
@@ -121,16 +161,16 @@ def _parser() -> argparse.ArgumentParser:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-ids", help="the prompt's token ids, comma-separated (e.g. 1,5,9)")
     prompt.add_argument("--prompt", help="the prompt as text (a folder with a tokenizer)")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=20, help="how many tokens to generate (default 20)")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--seed", type=int, default=None, help="the sampling seed")
-    p.add_argument("--eos", type=int, default=None, help="stop once this token id is generated")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=20, help="how many tokens to generate (default: 20)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (default: greedy)")
+    p.add_argument("--seed", type=int, default=None, help="the sampling seed (default: none)")
+    p.add_argument("--eos", type=int, default=None, help="stop once this token id is generated (default: none)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("view", parents=[common], help="serve a model in Netron on 127.0.0.1")
-    p.add_argument("model")
+    p.add_argument("model", help="an ONNX model")
     p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
-    p.add_argument("--browse", action="store_true", help="also open it in the default web browser")
+    p.add_argument("--browse", action="store_true", help="also open it in the default web browser (default: off)")
     p.set_defaults(func=_view)
 
     p = sub.add_parser("passes", parents=[common], help="list the available passes")
@@ -138,9 +178,47 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="build, export, process and verify a tiny GPT-2")
     p.add_argument("--dir", default="demo-output", help="working folder (default: ./demo-output)")
-    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                   help="torch.onnx exporter (default: dynamo)")
     p.set_defaults(func=_demo)
     return parser
+
+
+def _pipeline_options(p: argparse.ArgumentParser, explicit: bool) -> None:
+    if explicit:
+        p.add_argument("--passes", default=None,
+                       help="comma-separated pipeline, put in a valid order if needed (default: "
+                            "fold_ln,center_writing_weights,center_unembed,fold_value_biases)")
+    for flag, key, on in SWITCHES:
+        what = key.replace("_", " ")
+        p.add_argument(flag, dest=key, action="store_false" if on else "store_true", default=None if explicit else on,
+                       help=f"{'leave out' if on else 'add'} {what} (default: {'on' if on else 'off'}, as in "
+                            "TransformerLens)")
+    p.add_argument("--no-processing", action="store_true",
+                   help="no pass at all, as TransformerLens's from_pretrained_no_processing (default: off)")
+
+
+def _pipeline(args):
+    """The PassManager the switches or --passes ask for (never both)."""
+    from .passes import from_switches
+    from .pipeline import PassManager
+
+    given = [flag for flag, key, _ in SWITCHES if getattr(args, key) is not None and
+             getattr(args, key) != dict((k, on) for _, k, on in SWITCHES)[key]]
+    passes = getattr(args, "passes", None)
+    if passes is not None and (given or args.no_processing):
+        raise BadInputError(f"give --passes or the switches ({', '.join(given) or '--no-processing'}), not both")
+    if args.no_processing:
+        if given:
+            raise BadInputError(f"--no-processing leaves every pass out; it cannot go with {', '.join(given)}")
+        return PassManager([])
+    if passes is not None:
+        return PassManager.parse(passes)
+    return PassManager(from_switches(**{key: on if getattr(args, key) is None else getattr(args, key)
+                                        for _, key, on in SWITCHES}))
+
+
+_LIGHT: set = set()
 
 
 def _say(args):
@@ -148,7 +226,10 @@ def _say(args):
 
 
 def _export(args) -> int:
-    from .export import export
+    try:
+        from .export import export
+    except ModuleNotFoundError as exc:
+        raise _missing(exc, "lensgraph export") from None
 
     info = export(args.source, args.output, exporter=args.exporter, opset=args.opset, dtype=args.dtype,
                   check=not args.no_check, cache=args.with_cache)
@@ -158,16 +239,25 @@ def _export(args) -> int:
     return 0
 
 
+def _missing(exc: ModuleNotFoundError, command: str):
+    from .convert import missing_extra
+
+    return missing_extra(exc, command)
+
+
 def _process(args) -> int:
     from .process import process, summary
     from .progress import Progress
     from .store.atomic import check_text_target, write_text
+    from .verify import VERIFY_STEPS
 
     say = _say(args)
+    manager = _pipeline(args)
     if args.report:  # refused now, not after the model is published
         check_text_target(args.report, _model_files(args))
-    with Progress(enabled=not args.quiet) as bar:
-        report = process(args.input, args.output, passes=args.passes, verify=not args.no_verify,
+    steps = len(manager.names) + (0 if args.no_verify else len(VERIFY_STEPS))
+    with Progress(enabled=not args.quiet, total=steps) as bar:
+        report = process(args.input, args.output, passes=manager, verify=not args.no_verify,
                          external_data=args.external_data, provider=args.provider, progress=bar.step,
                          in_place=args.in_place)
     if report["written"]:
@@ -177,6 +267,31 @@ def _process(args) -> int:
     if args.report:
         models = [*report["input_files"], report["output"], report["data_file"] or ""]
         write_text(args.report, json.dumps(report, indent=2), protected=[m for m in models if m])
+    return 0
+
+
+def _convert(args) -> int:
+    from .convert import convert
+    from .process import summary
+    from .progress import Progress
+    from .store.atomic import check_text_target, write_text
+    from .verify import VERIFY_STEPS
+
+    manager = _pipeline(args)
+    if args.report:
+        check_text_target(args.report, [os.path.abspath(args.output)])
+    steps = 3 + len(manager.names) + (len(VERIFY_STEPS) if manager.names and not args.no_verify else 0) + bool(args.hooks)
+    with Progress(enabled=not args.quiet, total=steps, desc="convert") as bar:
+        report = convert(args.source, args.output, manager, exporter=args.exporter, with_cache=args.with_cache,
+                         hooks=args.hooks, verify=not args.no_verify, dtype=args.dtype, progress=bar.step)
+    say = _say(args)
+    data = f" (weights in {os.path.basename(report['data_file'])})" if report.get("data_file") else ""
+    say(f"{args.source} -> {report['folder']}{os.sep}: {os.path.basename(report['output'])}{data}, exported with "
+        f"{report['export']['exporter']}, {'processed' if report['written'] else 'unprocessed'}")
+    say(summary(report) if report["pipeline"] else "\n".join([f"  note: {n}" for n in report["notes"]]
+                                                            + ["  no processing asked for: the export as it is"]))
+    if args.report:
+        write_text(args.report, json.dumps(report, indent=2), protected=[report["output"]])
     return 0
 
 
@@ -248,6 +363,8 @@ def _grouped(reasons: dict, template) -> list[str]:
 
 
 def _weights(args) -> int:
+    import numpy as np
+
     from .interp.tl_weights import tl_weights
     from .store.atomic import check_text_target
 
@@ -277,6 +394,8 @@ def _weights(args) -> int:
 
 
 def _generate(args) -> int:
+    import numpy as np
+
     from .interp.generate import generate
     from .store.folder import is_model_folder
 
@@ -308,7 +427,8 @@ def _view(args) -> int:
     try:
         import netron
     except ImportError:
-        raise BadInputError("lensgraph view needs Netron: pip install 'lensgraph[view]'") from None
+        raise BadInputError("lensgraph view needs Netron, which is not installed: pip install netron (from a clone: "
+                            "pip install -e '.[view]'; `make demo` installs it into .venv)") from None
     if args.port is not None and not 0 <= args.port < 65536:
         raise BadInputError(f"--port {args.port}: a port is a number from 0 (any free one) to 65535")
     open_model(args.model)  # the same checks as every command: a broken or unsafe file is refused here
@@ -322,18 +442,25 @@ def _view(args) -> int:
 
 
 def _passes(args) -> int:
-    from .pipeline import DEFAULT_PIPELINE, REGISTRY, _load_builtin_passes
+    from .passes import CATALOG, DEFAULT_PIPELINE  # the catalog alone: no pass module, nothing numerical
 
-    _load_builtin_passes()
-    for name, cls in sorted(REGISTRY.items()):
+    for name, entry in sorted(CATALOG.items()):
         mark = "*" if name in DEFAULT_PIPELINE else " "
-        after = f" (after {', '.join(cls.after)})" if cls.after else ""
-        print(f"{mark} {name}: {cls.summary}{after}")
+        after = f" (after {', '.join(entry.after)})" if entry.after else ""
+        print(f"{mark} {name}: {entry.summary}{after}")
     print("* in the default pipeline:", ",".join(DEFAULT_PIPELINE))
     return 0
 
 
+_LIGHT.add(_passes)
+
+
 def _demo(args) -> int:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise _missing(exc, "lensgraph demo") from None
     from .demo import run_demo
 
     run_demo(os.path.abspath(args.dir), exporter=args.exporter, say=_say(args))

@@ -174,12 +174,50 @@ def _looks_like_path(source):
     return False
 
 
+def gguf_file(source) -> tuple[str, str] | None:
+    """(folder, file name) when `source` is a GGUF file, which transformers reads de-quantized."""
+    path = os.path.expanduser(str(source))
+    if not (path.lower().endswith(".gguf") and os.path.isfile(path)):
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ExportInputError(f"{source}: reading a GGUF file needs the gguf package: pip install 'lensgraph[gguf]' "
+                               "(from a clone: pip install -e '.[gguf]')")
+    return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+
+
+def load_tokenizer(source):
+    """The source's tokenizer, or None where it has none (a bare checkpoint folder)."""
+    from transformers import AutoTokenizer
+
+    gguf = gguf_file(source)
+    where, extra = (gguf[0], {"gguf_file": gguf[1]}) if gguf else (os.path.expanduser(str(source)), {})
+    try:
+        with _quiet(None):
+            return AutoTokenizer.from_pretrained(where, **extra)
+    except Exception:  # no tokenizer files, or none transformers can read: said in the report
+        return None
+
+
 def load_hf_model(source, dtype="float32", verbose=None):
-    """Load a causal LM with eager attention, the only kind that exports cleanly."""
+    """Load a causal LM with eager attention, the only kind that exports cleanly; a GGUF file is
+    de-quantized by transformers to `dtype`."""
     if dtype not in DTYPES:
         raise ExportInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     source = str(source)
     path = os.path.expanduser(source)
+    gguf = gguf_file(source)
+    if gguf:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            with _quiet(_verbose(verbose)):
+                model = AutoModelForCausalLM.from_pretrained(gguf[0], gguf_file=gguf[1], dtype=DTYPES[dtype],
+                                                             attn_implementation="eager")
+        except Exception as exc:
+            raise ExportInputError(f"{source}: could not load the GGUF file ({_reason(exc)})") from None
+        return model.eval()
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ExportInputError(
@@ -187,7 +225,7 @@ def load_hf_model(source, dtype="float32", verbose=None):
             )
         source = path
     elif os.path.exists(path):
-        raise ExportInputError(f"{source}: not a folder (expected a saved HuggingFace model)")
+        raise ExportInputError(f"{source}: not a folder or a .gguf file (expected a saved HuggingFace model)")
     elif _looks_like_path(source):
         raise ExportInputError(f"{source}: no such model folder")
 
@@ -233,14 +271,12 @@ def load_hf_model(source, dtype="float32", verbose=None):
 
 
 def _weight_bytes(model):
-    """Bytes of parameters and buffers, counting tied weights once."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.data_ptr(), t.numel(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes of parameters and buffers as an exporter may write them: a tied weight counts once
+    per name (TorchScript can write the embedding and the unembedding as two tensors), so a model
+    near the protobuf limit goes to external data rather than failing."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _model_dtype(model):

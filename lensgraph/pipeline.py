@@ -2,9 +2,10 @@
 
 A pass is a small class: `requires` says why it cannot run on this model (or None),
 `run` rewrites through the anatomy and returns statistics, `ensures` checks its
-post-condition. Ordering constraints are data (`after`). The manager runs a pipeline,
-re-analyses the graph before each pass, checks the structure after each one, and
-records what was applied in the model's metadata so a second run is a no-op.
+post-condition. Ordering constraints are data (`after`, `needs`; the built-in passes'
+are in passes/__init__.py). The manager puts a pipeline in a valid order (saying so in
+`notes`), re-analyses the graph before each pass, checks the structure after each one,
+and records what was applied in the model's metadata so a second run is a no-op.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import numpy as np
 
 from .errors import LensError, PipelineError
 from .graph.anatomy import Anatomy, analyse, nothing_to_rewrite
+from .passes import CATALOG, DEFAULT_PIPELINE, load
 from .store.deferred import centring_tolerance
 from .store.model import LensModel
 
-DEFAULT_PIPELINE = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+__all__ = ["DEFAULT_PIPELINE", "Pass", "PassManager", "PassResult", "register"]
 
 
 @dataclass
@@ -53,6 +55,7 @@ class PassResult:
 class Pass:
     name: ClassVar[str]
     after: ClassVar[tuple[str, ...]] = ()  # must run after these when both are in a pipeline
+    needs: ClassVar[tuple[str, ...]] = ()  # must have run first: in the pipeline or already applied
     summary: ClassVar[str] = ""
 
     def requires(self, model: LensModel, anatomy: Anatomy) -> str | None:
@@ -74,12 +77,15 @@ REGISTRY: dict[str, type[Pass]] = {}
 
 
 def register(cls: type[Pass]) -> type[Pass]:
+    """Make a pass known by its name; a built-in one takes its summary and order from the catalog."""
+    if cls.name in CATALOG:
+        cls.summary, cls.after, cls.needs = CATALOG[cls.name]
     REGISTRY[cls.name] = cls
     return cls
 
 
 def _load_builtin_passes() -> None:
-    from . import passes  # noqa: F401  (registers the built-in passes)
+    load()
 
 
 class PassManager:
@@ -106,20 +112,39 @@ class PassManager:
         return [p.name for p in self.passes]
 
     def _validate(self) -> None:
+        """Refuse a pass named twice; put the pipeline in an order every `after` allows,
+        keeping the given order where it is free, and note the change."""
         names = self.names
+        for name in names:
+            if names.count(name) > 1:
+                raise PipelineError(f"pass '{name}' appears twice in the pipeline")
+        self.notes: list[str] = []
+        todo, ordered = list(self.passes), []
+        while todo:  # the first pass whose predecessors in the pipeline have all been placed
+            placed = {p.name for p in ordered}
+            ready = next(p for p in todo if all(d in placed or d not in names for d in p.after))
+            ordered.append(ready)
+            todo.remove(ready)
+        if ordered != self.passes:
+            moved = next(p for i, p in enumerate(self.passes) if any(
+                d in names and names.index(d) > i for d in p.after))
+            dep = next(d for d in moved.after if d in names and names.index(d) > names.index(moved.name))
+            self.passes = ordered
+            self.notes.append(f"reordered to {','.join(self.names)}: '{moved.name}' must run after '{dep}'")
+
+    def check_needs(self, model: LensModel) -> None:
+        """A pass whose prerequisite is neither earlier in the pipeline nor already applied is
+        a usage error (PipelineError): it could only be skipped."""
         for i, p in enumerate(self.passes):
-            if names.count(p.name) > 1:
-                raise PipelineError(f"pass '{p.name}' appears twice in the pipeline")
-            for dep in p.after:
-                if dep in names and names.index(dep) > i:
-                    order = sorted(names, key=lambda n: (DEFAULT_PIPELINE + (n,)).index(n))
-                    raise PipelineError(
-                        f"'{p.name}' must run after '{dep}'; try: {','.join(order)}"
-                    )
+            missing = [n for n in p.needs if n not in self.names[:i] and n not in model.applied]
+            if missing:
+                raise PipelineError(f"'{p.name}' needs {' and '.join(missing)} first (not in the pipeline and not "
+                                    f"applied to this model); try: {','.join(dict.fromkeys([*missing, *self.names]))}")
 
     def run(self, model: LensModel, progress: Callable[[str], None] | None = None,
             final_check: bool = True) -> list[PassResult]:
         """Run the pipeline; `final_check` off leaves the closing ONNX checker run to the caller."""
+        self.check_needs(model)
         reason = nothing_to_rewrite(analyse(model.graph))
         if reason is not None:  # not a transformer: never alter it
             return [PassResult(p.name, skipped=[("model", f"nothing to rewrite: {reason}")]) for p in self.passes]

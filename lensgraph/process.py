@@ -7,6 +7,7 @@ turned off) the equivalence check against the untouched input file.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from .errors import BadInputError, VerificationError
@@ -63,6 +64,7 @@ def process(
         "written": False,
         "nothing_to_rewrite": nothing_to_rewrite(analyse(model.graph)),
         "pipeline": manager.names,
+        "notes": list(manager.notes),
         "applied_before": model.applied,
         "applied": model.applied,
         "changed": False,
@@ -84,7 +86,7 @@ def process(
     with staged:
         if verify and changed:  # check the very files that will be published, one model at a time
             result = verify_models(src, staged.staged_path, provider=provider, tolerance=tolerance,
-                                   label_b=f"{dst} (as written)")
+                                   label_b=f"{dst} (as written)", progress=progress)
             report["verification"] = result.to_dict()
             if not result.ok:
                 why = result.nonfinite or (f"worst difference {result.max_rel_diff:.2e} of the logit scale "
@@ -155,17 +157,18 @@ def _check_arguments(src, dst, verify, tolerance, provider) -> None:
 def summary(report: dict) -> str:
     """A few human lines: per pass what matched, was rewritten or skipped and why; one line
     when nothing changed."""
+    notes = [f"  note: {n}" for n in report.get("notes", [])]
     if report.get("nothing_to_rewrite"):
-        return f"  nothing to rewrite: {report['nothing_to_rewrite']}; the model was left alone and nothing was written"
+        return "\n".join(notes + [f"  nothing to rewrite: {report['nothing_to_rewrite']}; the model was left alone "
+                                   "and nothing was written"])
     if not report["changed"]:
-        return f"  nothing changed, so nothing was written: {_why_unchanged(report['passes'])}"
-    lines = []
+        return "\n".join(notes + [f"  nothing changed, so nothing was written: {_why_unchanged(report['passes'])}"])
+    lines = notes
     for d in report["passes"]:
         r = PassResult(d["name"], d["matched"], d["rewritten"], [(s["what"], s["reason"]) for s in d["skipped"]],
                        d["modified"], d["already_applied"], d["seconds"])
         lines.append("  " + r.summary())
-        for what, reason in r.skipped:
-            lines.append(f"    skipped {what}: {reason}")
+        lines += [f"    skipped {line}" for line in grouped_skips(r.skipped)]
     v = report.get("verification")
     if v:
         lines.append(f"  verification: worst centred-logit difference {v['max_rel_diff']:.2e} of the logit "
@@ -173,6 +176,28 @@ def summary(report: dict) -> str:
     else:
         lines.append("  verification: skipped (--no-verify)")
     return "\n".join(lines)
+
+
+def grouped_skips(skipped: list[tuple[str, str]]) -> list[str]:
+    """One line per reason: 'layers 0-11 attention (12): value bias is already zero' rather than
+    twelve identical lines; a reason given once keeps its own line."""
+    by_reason: dict[str, list[str]] = {}
+    for what, reason in skipped:
+        by_reason.setdefault(reason, []).append(what)
+    lines = []
+    for reason, whats in by_reason.items():
+        if len(whats) == 1:
+            lines.append(f"{whats[0]}: {reason}")
+            continue
+        kinds = {re.sub(r"^layer \d+ | \(.*\)$", "", w) for w in whats}
+        layers = [int(m.group(1)) for w in whats if (m := re.match(r"layer (\d+) ", w))]
+        if len(kinds) == 1 and len(layers) == len(whats):
+            span = f"{min(layers)}-{max(layers)}" if layers == list(range(min(layers), max(layers) + 1)) else \
+                ",".join(map(str, layers))
+            lines.append(f"layers {span} {kinds.pop()} ({len(whats)}): {reason}")
+        else:
+            lines.append(f"{len(whats)} places ({', '.join(whats[:3])}{', ...' if len(whats) > 3 else ''}): {reason}")
+    return lines
 
 
 def _why_unchanged(passes: list[dict]) -> str:

@@ -16,6 +16,7 @@ from .errors import BadInputError
 from .store.runner import Runner
 
 DEFAULT_SHAPES = ((1, 7), (2, 5), (3, 1))
+VERIFY_STEPS = ("verify: original", "verify: rewritten")  # what `progress` is told, in order
 TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 2e-2, np.dtype(np.float64): 1e-9}
 
 
@@ -64,6 +65,7 @@ def verify(
     provider: str = "CPUExecutionProvider",
     seed: int = 0,
     label_b: str | None = None,
+    progress=None,
 ) -> VerifyResult:
     """Compare centred logits of two models; ok when the worst relative gap is within tolerance.
 
@@ -72,6 +74,8 @@ def verify(
     model at a time, whatever its size.
     """
     check_tolerance(tolerance)
+    step = progress or (lambda name: None)
+    step(VERIFY_STEPS[0])
     a = original if isinstance(original, Runner) else Runner(original, provider)
     label_a, output = a.label, a.output
     vocab = a.vocab_size()
@@ -81,6 +85,7 @@ def verify(
         feeds = a.feeds(batch, seq, vocab, rng)
         runs.append((feeds, a.run(feeds)))
     del a
+    step(VERIFY_STEPS[1])
     b = rewritten if isinstance(rewritten, Runner) else Runner(rewritten, provider, label=label_b)
     worst_abs, scale, dtype, nonfinite, compared = 0.0, 0.0, None, None, 0
     for feeds, la in runs:

@@ -11,7 +11,6 @@ from lensgraph.store.weights import LinearWeights
 @register
 class CenterUnembed(Pass):
     name = "center_unembed"
-    summary = "centre the unembedding over the vocabulary"
     formula = "W_U -= mean(W_U, axis=vocab); b_U -= mean(b_U)"
 
     def requires(self, model, anatomy):

@@ -15,8 +15,6 @@ from lensgraph.store.weights import LinearWeights
 @register
 class CenterWritingWeights(Pass):
     name = "center_writing_weights"
-    after = ("fold_ln",)
-    summary = "centre the weights that write into the residual stream over d_model"
     formula = "W -= mean(W, axis=d_model); b -= mean(b)"
 
     def requires(self, model, anatomy):

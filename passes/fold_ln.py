@@ -15,7 +15,6 @@ from lensgraph.store.weights import LinearWeights
 @register
 class FoldLayerNorm(Pass):
     name = "fold_ln"
-    summary = "fold norm scales and biases into the linear maps that read them"
     formula = "c' = c + b @ W; W' = w[:, None] * W; W' -= mean(W', axis=in)"
 
     def run(self, model, anatomy) -> PassResult:

@@ -17,8 +17,6 @@ from lensgraph.store.weights import LinearWeights
 @register
 class FoldValueBiases(Pass):
     name = "fold_value_biases"
-    after = ("fold_ln",)
-    summary = "fold value biases into the attention output bias"
     formula = "b_O += b_V @ W_O; b_V = 0"
 
     def run(self, model, anatomy) -> PassResult:

@@ -30,8 +30,6 @@ FORMULA = "LayerNorm(x) = x / sqrt(mean(x^2) + eps) * w + b, exact because mean(
 @register
 class LayerNormToRMS(Pass):
     name = "ln_to_rms"
-    after = ("fold_ln", "center_writing_weights")
-    summary = "replace each LayerNorm on the centred residual stream by the RMSNorm form (optional)"
 
     def requires(self, model, anatomy):
         missing = [p for p in ("fold_ln", "center_writing_weights") if p not in model.applied]

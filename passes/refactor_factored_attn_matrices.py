@@ -19,8 +19,6 @@ from lensgraph.store.weights import LinearWeights
 @register
 class RefactorFactoredAttnMatrices(Pass):
     name = "refactor_factored_attn_matrices"
-    after = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
-    summary = "re-factor each head's QK and OV products evenly through an SVD (optional)"
     formula = "W_Q W_K^T = (U sqrt S)(V sqrt S)^T with the bias row; W_V W_O = (U S) V^T; b_O += b_V W_O"
 
     def run(self, model, anatomy) -> PassResult:

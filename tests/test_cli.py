@@ -106,7 +106,10 @@ def test_no_verify_and_single_pass(exported, tmp_path):
     [
         (["process", "missing.onnx", "-o", "x.onnx"], "missing.onnx: no such file"),
         (["process", "MODEL", "-o", "x.onnx", "--passes", "fold_ln,nope"], "unknown pass 'nope'"),
-        (["process", "MODEL", "-o", "x.onnx", "--passes", "fold_value_biases,fold_ln"], "must run after 'fold_ln'"),
+        (["process", "MODEL", "-o", "x.onnx", "--passes", "ln_to_rms"], "'ln_to_rms' needs fold_ln and "
+         "center_writing_weights first"),
+        (["process", "MODEL", "-o", "x.onnx", "--passes", "fold_ln", "--no-center-unembed"], "not both"),
+        (["process", "MODEL", "-o", "x.onnx", "--no-processing", "--no-fold-ln"], "cannot go with --no-fold-ln"),
         (["inspect", "missing.onnx"], "no such file"),
         (["export", "no-such-folder/", "-o", "x.onnx"], "no-such-folder"),
     ],

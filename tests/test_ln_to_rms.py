@@ -10,6 +10,7 @@ import pytest
 
 from helpers import logits_gap
 from lensgraph.store.model import LensModel
+from lensgraph.errors import PipelineError
 from lensgraph.pipeline import DEFAULT_PIPELINE, PassManager
 from lensgraph.process import process
 from lensgraph.store.weights import LinearWeights
@@ -72,9 +73,10 @@ def test_rewritten_norms_keep_their_names_and_say_why(gpt2_exports, tmp_path):
 
 
 def test_needs_a_centred_stream(gpt2_exports, tmp_path):
-    report = process(gpt2_exports["dynamo"], tmp_path / "x.onnx", passes=["fold_ln", "ln_to_rms"])
-    (what, reason), = [(s["what"], s["reason"]) for s in report["passes"][-1]["skipped"]]
-    assert "center_writing_weights" in reason and not report["passes"][-1]["modified"]
+    """Without center_writing_weights in the pipeline or applied, the pipeline is refused (exit 2)."""
+    with pytest.raises(PipelineError, match="'ln_to_rms' needs center_writing_weights first"):
+        process(gpt2_exports["dynamo"], tmp_path / "x.onnx", passes=["fold_ln", "ln_to_rms"])
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_guard_checks_the_weights_themselves(gpt2_exports, tmp_path):
@@ -95,5 +97,7 @@ def test_guard_checks_the_weights_themselves(gpt2_exports, tmp_path):
 def test_not_in_the_default_pipeline():
     assert "ln_to_rms" not in DEFAULT_PIPELINE
     assert "ln_to_rms" in PassManager.parse("fold_ln,center_writing_weights,ln_to_rms").names
-    with pytest.raises(Exception, match="must run after"):
-        PassManager.parse("ln_to_rms,center_writing_weights")
+    manager = PassManager.parse("ln_to_rms,center_writing_weights,fold_ln")
+    assert manager.names == ["fold_ln", "center_writing_weights", "ln_to_rms"]
+    assert manager.notes == ["reordered to fold_ln,center_writing_weights,ln_to_rms: 'ln_to_rms' must run after "
+                             "'fold_ln'"]
