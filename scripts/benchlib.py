@@ -212,5 +212,26 @@ def smollm2_gguf() -> str:
     return glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))[0]
 
 
+def smollm2_folder(folder: str | None = None) -> str:
+    """SmolLM2-135M-Instruct as a local HuggingFace folder (safetensors, float32, tokenizer), made
+    once from the GGUF file: the checkpoint form TransformerLens and lensgraph both read."""
+    folder = folder or os.path.join(CACHE, "smollm2-hf")
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return folder
+    import transformers as tf
+
+    where, name = os.path.split(smollm2_gguf())
+    loaded = tf.AutoModelForCausalLM.from_pretrained(where, gguf_file=name)
+    config = loaded.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = tf.AutoModelForCausalLM.from_config(config)  # a GGUF-loaded model refuses save_pretrained
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(folder)
+    tf.AutoTokenizer.from_pretrained(where, gguf_file=name).save_pretrained(folder)
+    return folder
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%d %H:%M")
