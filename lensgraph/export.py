@@ -8,7 +8,6 @@ import contextlib
 import io
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -313,10 +312,18 @@ def _export_dynamo(wrapper, args, staged: StagedModel, opset, verbose):
     # lensgraph's streaming writer, not program.save: the weights go out one at a time, under
     # the data file name the staging area chose.
     staged.write(program.model)
+    return program.model.opset_imports.get("", None)
 
 
 def _export_torchscript(wrapper, args, staged: StagedModel, opset, cache_layers=0):
-    """Tracing based; above 2 GB torch writes one file per tensor, so gather them into one."""
+    """Tracing based, with the weights left out of torch's ONNX file: the traced graph takes them
+    as inputs, and lensgraph makes them initializers over the torch tensors themselves (no
+    copy) and streams them out with its writer. torch would otherwise build the whole file in
+    memory, weights included, once in C++ and once as Python bytes: about twice the time and
+    three times the model's size at the peak."""
+    import onnx
+    import onnx_ir as ir
+
     axes = {0: "batch", 1: "sequence"}
     inputs, outputs = ["input_ids", "attention_mask"], ["logits"]
     dynamic = {"input_ids": axes, "attention_mask": axes, "logits": axes}
@@ -326,36 +333,105 @@ def _export_torchscript(wrapper, args, staged: StagedModel, opset, cache_layers=
         dynamic["attention_mask"] = {0: "batch", 1: "total_sequence"}
         dynamic.update({n: {0: "batch", 2: "past_sequence"} for n in past})
         dynamic.update({n: {0: "batch", 2: "total_sequence"} for n in present})
-    dest = Path(staged.staged_path)
-    target = dest
-    if staged.data_name:
-        raw = dest.parent / "raw"
-        raw.mkdir()
-        target = raw / dest.name
+    buffer = io.BytesIO()
     torch.onnx.export(
         wrapper,
         args,
-        str(target),
+        buffer,
         input_names=inputs,
         output_names=outputs,
         dynamic_axes=dynamic,
         opset_version=opset or TORCHSCRIPT_DEFAULT_OPSET,
         dynamo=False,
+        export_params=False,
+        do_constant_folding=False,  # torch would fold the weights' transposes into tensors it then leaves out
         verbose=False,  # True dumps the whole traced graph, too much even when verbose
     )
-    if staged.data_name:
-        import onnx
+    model = ir.serde.deserialize_model(onnx.load_from_string(buffer.getvalue()))
+    del buffer
+    tensors = dict(wrapper.named_parameters(remove_duplicate=False))
+    tensors.update(wrapper.named_buffers(remove_duplicate=False))
+    _weights_as_initializers(model.graph, tensors, set(inputs))
+    staged.write(model)
+    return model.opset_imports.get("", None)
 
-        proto = onnx.load(str(target))
-        onnx.save_model(
-            proto,
-            str(dest),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=staged.data_name,
-        )
-        shutil.copymode(target, dest.parent / staged.data_name)  # onnx writes it 0600
-        shutil.rmtree(raw)
+
+def _weights_as_initializers(graph, tensors: dict, inputs: set) -> None:
+    """Every graph input that is a weight becomes an initializer viewing the torch tensor; a
+    Transpose of a matrix (torch's nn.Linear) becomes the transposed view, as torch's constant
+    folding would have written it, and is computed only as it is written."""
+    import onnx_ir as ir
+
+    for value in [v for v in graph.inputs if v.name not in inputs]:
+        if value.name not in tensors:
+            raise ExportError(f"the traced graph takes {value.name!r}, which is not a weight of the model")
+        array = tensors[value.name].detach().cpu().numpy()
+        graph.inputs.remove(value)
+        value.const_value = ir.Tensor(array, name=value.name)
+        graph.register_initializer(value)
+    for node in list(graph):
+        source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        if source is None or source.const_value is None or len(source.shape or ()) != 2:
+            continue
+        perm = node.attributes.get("perm")
+        if perm is not None and list(perm.as_ints()) != [1, 0]:
+            continue
+        out = node.outputs[0]
+        folded = ir.Value(name=out.name, shape=ir.Shape([source.shape[1], source.shape[0]]), type=source.type,
+                          const_value=ir.Tensor(source.const_value.numpy().T, name=out.name))
+        out.name = None
+        out.replace_all_uses_with(folded)
+        graph.remove(node, safe=True)
+        graph.register_initializer(folded)
+        if not source.uses() and source.is_initializer():
+            del graph.initializers[source.name]
+    _fold_small_weight_ops(graph)
+
+
+FOLD_LIMIT = 1 << 20  # elements: a norm weight's `1 + w` or a cast, never a matrix
+
+
+def _fold_small_weight_ops(graph) -> None:
+    """Nodes computing only from weights and constants (Gemma's `1 + w.float()`), evaluated
+    once into initializers, as torch's constant folding would have left them."""
+    import onnx
+    import onnx_ir as ir
+    from onnx.reference import ReferenceEvaluator
+
+    from .graph import match
+
+    derived = {id(v) for v in graph.initializers.values()}  # weights and what is computed from them alone
+    for node in list(graph):
+        if node.domain != "" or node.op_type in ("Constant", "Shape") or not node.inputs or \
+                not any(v is not None and id(v) in derived for v in node.inputs):
+            continue
+        arrays = [match.const_value(v) if v is not None else None for v in node.inputs]
+        if any(a is None for v, a in zip(node.inputs, arrays) if v is not None) or \
+                sum(a.size for a in arrays if a is not None) > FOLD_LIMIT:
+            continue
+        names = [f"x{i}" if v is not None else "" for i, v in enumerate(node.inputs)]
+        proto = ir.serde.serialize_node(node)
+        proto.ClearField("input")
+        proto.input.extend(names)
+        proto.ClearField("output")
+        proto.output.extend(f"y{i}" for i in range(len(node.outputs)))
+        model = onnx.helper.make_model(onnx.helper.make_graph(
+            [proto], "fold", [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in names if n],
+            [onnx.helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.UNDEFINED, None)
+             for i in range(len(node.outputs))]), opset_imports=[onnx.helper.make_opsetid("", graph.opset_imports[""])])
+        results = ReferenceEvaluator(model).run(None, {n: a for n, a in zip(names, arrays) if n})
+        for out, array in zip(node.outputs, results):
+            tensor = ir.Tensor(np.asarray(array), name=out.name)
+            folded = ir.Value(name=out.name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
+                              const_value=tensor)
+            out.name = None
+            was_output = out.is_graph_output()
+            out.replace_all_uses_with(folded, replace_graph_outputs=was_output)
+            graph.register_initializer(folded)
+            derived.add(id(folded))
+        graph.remove(node, safe=True)
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+        del graph.initializers[name]
 
 
 def _check_inputs(vocab):
@@ -385,6 +461,7 @@ def _compare(wrapper, onnx_path, vocab, cache=None):
             feeds.update({n: t.numpy() for n, t in zip(names, past)})
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_prepacking", "1")  # one small run: load fast
     session = ort.InferenceSession(
         str(onnx_path), options, providers=["CPUExecutionProvider"]
     )
@@ -418,16 +495,6 @@ def _check_choices(exporter, opset):
             f"{DYNAMO_MIN_OPSET}); use the torchscript exporter for it"
         )
     return opset
-
-
-def _written_opset(path):
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    for entry in proto.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    return None
 
 
 def export_model(model, out_path, exporter="dynamo", opset=None, check=True, verbose=None,
@@ -467,10 +534,10 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
         try:
             with _quiet(verbose), torch.no_grad():
                 if exporter == "dynamo":
-                    _export_dynamo(wrapper, args, staged, opset, verbose)
+                    written_opset = _export_dynamo(wrapper, args, staged, opset, verbose)
                 else:
-                    _export_torchscript(wrapper, args, staged, opset,
-                                        cache_layers=wrapper.layers if cache else 0)
+                    written_opset = _export_torchscript(wrapper, args, staged, opset,
+                                                        cache_layers=wrapper.layers if cache else 0)
         except LensError:
             raise
         except Exception as exc:
@@ -481,7 +548,6 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
             raise ExportError(f"{name}: {exporter} export failed ({_reason(exc)}){hint}") from None
         seconds = time.perf_counter() - start
 
-        written_opset = _written_opset(dest)
         if opset is not None and written_opset != opset:
             # Guard: the dynamo exporter keeps its own opset when conversion fails.
             raise ExportError(

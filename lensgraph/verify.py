@@ -76,7 +76,7 @@ def verify(
     check_tolerance(tolerance)
     step = progress or (lambda name: None)
     step(VERIFY_STEPS[0])
-    a = original if isinstance(original, Runner) else Runner(original, provider)
+    a = original if isinstance(original, Runner) else Runner(original, provider, few_runs=True)
     label_a, output = a.label, a.output
     vocab = a.vocab_size()
     rng = np.random.default_rng(seed)
@@ -86,7 +86,7 @@ def verify(
         runs.append((feeds, a.run(feeds)))
     del a
     step(VERIFY_STEPS[1])
-    b = rewritten if isinstance(rewritten, Runner) else Runner(rewritten, provider, label=label_b)
+    b = rewritten if isinstance(rewritten, Runner) else Runner(rewritten, provider, label=label_b, few_runs=True)
     worst_abs, scale, dtype, nonfinite, compared = 0.0, 0.0, None, None, 0
     for feeds, la in runs:
         lb = b.run(feeds)

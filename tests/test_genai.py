@@ -124,6 +124,21 @@ def test_genai_output_folder_is_replaced_only_when_it_is_lensgraphs(genai, tmp_p
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging left behind
 
 
+def test_convert_exporter_genai_writes_a_processed_genai_folder(genai, tmp_path):
+    """`convert --exporter genai`: the builder's folder from the checkpoint, processed and verified in
+    the same run; it generates what the builder's own unprocessed folder generates."""
+    src = genai("llama")
+    ckpt = os.path.join(os.path.dirname(src), "llama-hf")
+    report = lensgraph.from_pretrained(ckpt, tmp_path / "out", exporter="genai")
+    assert report["written"] and report["verification"]["ok"] and report["export"]["exporter"] == "genai"
+    assert {"genai_config.json", "model.onnx", "lensgraph.json"} <= set(os.listdir(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "lensgraph.json").read_text())["applied"] == report["applied"]
+    assert greedy(str(tmp_path / "out")) == greedy(src)
+    plain = lensgraph.from_pretrained_no_processing(ckpt, tmp_path / "plain", exporter="genai")
+    assert not plain["written"] and greedy(str(tmp_path / "plain")) == greedy(src)
+    assert sorted(os.listdir(tmp_path)) == ["out", "plain"]
+
+
 def test_int4_build_is_never_changed_inexactly(genai, tmp_path, capsys):
     src = genai("llama", "int4")
     capsys.readouterr()  # the builder's own messages

@@ -30,7 +30,7 @@ class Runner:
     """
 
     def __init__(self, model, provider: str = "CPUExecutionProvider", label: str | None = None,
-                 cache_dims: dict | None = None):
+                 cache_dims: dict | None = None, few_runs: bool = False):
         import onnxruntime as ort
 
         self._tmp = None
@@ -40,6 +40,8 @@ class Runner:
         self.cache_dims.update(cache_dims or {})
         options = ort.SessionOptions()
         options.log_severity_level = runtime_log_level()
+        if few_runs:  # a check runs a few small batches: re-laying the weights out for speed costs more (3x the load)
+            options.add_session_config_entry("session.disable_prepacking", "1")
         ort.set_default_logger_severity(runtime_log_level())
         available = ort.get_available_providers()
         if provider not in available:

