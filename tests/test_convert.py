@@ -176,3 +176,14 @@ def test_convert_gguf_smollm2_generates_what_huggingface_does(tmp_path):
         theirs = np.concatenate([theirs, ref[:, -1:].argmax(-1)], 1)
     assert ours.tolist() == theirs.tolist()
     assert_close(centred(step), centred(ref), 1e-3)
+
+
+def test_the_size_estimate_counts_a_tied_weight_as_often_as_it_is_written():
+    """TorchScript writes a tied embedding twice (the table and the unembedding's transposed view), so
+    the estimate that decides on external data counts it twice."""
+    from lensgraph.export import _weight_bytes
+
+    model = tiny_models.build("gpt2", seed=5)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    once = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert _weight_bytes(model) == once + model.lm_head.weight.numel() * 4
