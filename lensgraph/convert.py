@@ -116,7 +116,7 @@ def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bo
         for name in os.listdir(raw):
             os.replace(os.path.join(raw, name), os.path.join(staged.path, name))
         report["data_file"] = info.get("data_file")
-    os.rmdir(raw) if not os.listdir(raw) else shutil.rmtree(raw)
+    shutil.rmtree(raw)  # the export, where processing wrote its own model
     if hooks:
         step("hooks")
         report["hooks"] = _add_hooks(os.path.join(staged.path, MODEL), hooks)
@@ -178,7 +178,8 @@ def _genai(source, staged: StagedFolder, manager, verify: bool, step) -> dict:
     report = process(built, processed, passes=manager, verify=verify, progress=step) if manager.passes \
         else _unprocessed(built, manager)
     final = processed if report["written"] else built
-    os.remove(os.path.join(final, RECORD)) if os.path.exists(os.path.join(final, RECORD)) else None
+    if os.path.exists(os.path.join(final, RECORD)):  # process's record of its part; convert writes the whole
+        os.remove(os.path.join(final, RECORD))
     for name in os.listdir(final):
         os.replace(os.path.join(final, name), os.path.join(staged.path, name))
     shutil.rmtree(built, ignore_errors=True)
