@@ -27,6 +27,10 @@ from .store.folder import RECORD, StagedFolder
 
 EXPORTERS = ("auto", "torchscript", "dynamo", "genai")
 MODEL = "model.onnx"
+# Above this the weights go to model.onnx.data: onnxruntime maps such a file as it loads (0.4 s for
+# SmolLM2-135M against 1 to 3 s with the same 650 MB inside the graph file), and convert loads the model
+# three times (the export's check, then verification's two sessions).
+EXTERNAL_ABOVE = 64 * 2**20
 
 
 def from_pretrained(source, out_dir, fold_ln: bool = True, center_writing_weights: bool = True,
@@ -84,7 +88,7 @@ def convert(source, out_dir, passes=DEFAULT_PIPELINE, exporter: str = "auto", wi
 def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bool, hooks, verify: bool,
             dtype: str, step, verbose) -> dict:
     try:
-        from .export import ExportError, export_model, load_hf_model, load_tokenizer
+        from .export import ExportError, export_model, load_hf_model, load_tokenizer, weight_bytes
     except ModuleNotFoundError as exc:
         raise missing_extra(exc, "lensgraph convert") from None
     from .process import process
@@ -97,13 +101,16 @@ def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bo
     step("export")
     notes = []
     chosen = "torchscript" if exporter == "auto" else exporter
+    external = weight_bytes(model) > EXTERNAL_ABOVE or None  # None: export's own limit decides
     try:
-        info = export_model(model, os.path.join(raw, MODEL), exporter=chosen, verbose=verbose, cache=with_cache)
+        info = export_model(model, os.path.join(raw, MODEL), exporter=chosen, verbose=verbose, cache=with_cache,
+                            external_data=external)
     except ExportError as exc:
         if exporter != "auto" or with_cache:
             raise
         notes.append(f"the TorchScript export failed ({exc}); exported with dynamo")
-        info = export_model(model, os.path.join(raw, MODEL), exporter="dynamo", verbose=verbose)
+        info = export_model(model, os.path.join(raw, MODEL), exporter="dynamo", verbose=verbose,
+                            external_data=external)
     del model  # processing and verification need the memory
     if tokenizer is not None:
         tokenizer.save_pretrained(staged.path)

@@ -269,7 +269,7 @@ def load_hf_model(source, dtype="float32", verbose=None):
     return model
 
 
-def _weight_bytes(model):
+def weight_bytes(model):
     """Bytes of parameters and buffers as an exporter may write them: a tied weight counts once
     per name (TorchScript can write the embedding and the unembedding as two tensors), so a model
     near the protobuf limit goes to external data rather than failing."""
@@ -498,7 +498,7 @@ def _check_choices(exporter, opset):
 
 
 def export_model(model, out_path, exporter="dynamo", opset=None, check=True, verbose=None,
-                 cache=False):
+                 cache=False, external_data=None):
     """Export a loaded causal LM to out_path and, if check, compare it with torch.
 
     With cache, the graph is a generation step with past_key_values.* inputs and
@@ -514,7 +514,7 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
     dtype = _model_dtype(model)
     dtype_name = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
     vocab = _vocab_size(model)
-    external = _weight_bytes(model) > SINGLE_FILE_LIMIT
+    external = weight_bytes(model) > SINGLE_FILE_LIMIT if external_data is None else bool(external_data)
 
     out_path = Path(out_path).expanduser()
     if out_path.is_dir():

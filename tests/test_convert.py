@@ -181,9 +181,26 @@ def test_convert_gguf_smollm2_generates_what_huggingface_does(tmp_path):
 def test_the_size_estimate_counts_a_tied_weight_as_often_as_it_is_written():
     """TorchScript writes a tied embedding twice (the table and the unembedding's transposed view), so
     the estimate that decides on external data counts it twice."""
-    from lensgraph.export import _weight_bytes
+    from lensgraph.export import weight_bytes
 
     model = tiny_models.build("gpt2", seed=5)
     assert model.lm_head.weight is model.transformer.wte.weight
     once = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert _weight_bytes(model) == once + model.lm_head.weight.numel() * 4
+    assert weight_bytes(model) == once + model.lm_head.weight.numel() * 4
+
+
+@pytest.mark.parametrize("processing", [True, False])
+def test_a_large_model_goes_to_external_data(checkpoints, tmp_path, monkeypatch, processing):
+    """Above convert.EXTERNAL_ABOVE the weights sit in model.onnx.data (onnxruntime maps it as it loads),
+    processed or not; the folder holds nothing else of the export."""
+    from lensgraph import convert
+
+    monkeypatch.setattr(convert, "EXTERNAL_ABOVE", 0)
+    folder, model = checkpoints["gpt2"]
+    report = (lensgraph.from_pretrained if processing else lensgraph.from_pretrained_no_processing)(folder,
+                                                                                                   tmp_path / "out")
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert "model.onnx.data" in files and report["data_file"] == str(tmp_path / "out" / "model.onnx.data")
+    assert not [f for f in files if f.startswith(("export", "hooked", "."))]
+    ids = np.random.default_rng(3).integers(0, model.config.vocab_size, (1, 5))
+    assert_close(centred(logits(str(tmp_path / "out" / "model.onnx"), ids)), centred(hf_logits(model, ids)))
