@@ -13,7 +13,7 @@ import sys
 import traceback
 
 from ._version import __version__
-from .errors import BadInputError, LensError
+from .errors import BadInputError, LensError, missing_extra
 
 EXIT_INTERNAL = 4
 
@@ -203,8 +203,7 @@ def _pipeline(args):
     from .passes import from_switches
     from .pipeline import PassManager
 
-    given = [flag for flag, key, _ in SWITCHES if getattr(args, key) is not None and
-             getattr(args, key) != dict((k, on) for _, k, on in SWITCHES)[key]]
+    given = [flag for flag, key, on in SWITCHES if getattr(args, key) not in (None, on)]  # switched away from TL's
     passes = getattr(args, "passes", None)
     if passes is not None and (given or args.no_processing):
         raise BadInputError(f"give --passes or the switches ({', '.join(given) or '--no-processing'}), not both")
@@ -229,7 +228,7 @@ def _export(args) -> int:
     try:
         from .export import export
     except ModuleNotFoundError as exc:
-        raise _missing(exc, "lensgraph export") from None
+        raise missing_extra(exc.name, "lensgraph export") from None
 
     info = export(args.source, args.output, exporter=args.exporter, opset=args.opset, dtype=args.dtype,
                   check=not args.no_check, cache=args.with_cache)
@@ -237,12 +236,6 @@ def _export(args) -> int:
                f"{info['seconds']:.1f} s)" + (f"; onnxruntime vs torch max |diff| {info['max_abs_diff']:.1e}"
                                               if info.get("max_abs_diff") is not None else ""))
     return 0
-
-
-def _missing(exc: ModuleNotFoundError, command: str):
-    from .convert import missing_extra
-
-    return missing_extra(exc, command)
 
 
 def _process(args) -> int:
@@ -427,8 +420,7 @@ def _view(args) -> int:
     try:
         import netron
     except ImportError:
-        raise BadInputError("lensgraph view needs Netron, which is not installed: pip install netron (from a clone: "
-                            "pip install -e '.[view]'; `make demo` installs it into .venv)") from None
+        raise missing_extra("netron", "lensgraph view", extra="view") from None
     if args.port is not None and not 0 <= args.port < 65536:
         raise BadInputError(f"--port {args.port}: a port is a number from 0 (any free one) to 65535")
     open_model(args.model)  # the same checks as every command: a broken or unsafe file is refused here
@@ -460,7 +452,7 @@ def _demo(args) -> int:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ModuleNotFoundError as exc:
-        raise _missing(exc, "lensgraph demo") from None
+        raise missing_extra(exc.name, "lensgraph demo") from None
     from .demo import run_demo
 
     run_demo(os.path.abspath(args.dir), exporter=args.exporter, say=_say(args))

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from .errors import BadInputError, LensError
+from .errors import BadInputError, LensError, missing_extra
 from .passes import DEFAULT_PIPELINE, from_switches
 from .store.folder import RECORD, StagedFolder
 
@@ -90,7 +90,7 @@ def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bo
     try:
         from .export import ExportError, export_model, load_hf_model, load_tokenizer, weight_bytes
     except ModuleNotFoundError as exc:
-        raise missing_extra(exc, "lensgraph convert") from None
+        raise missing_extra(exc.name, "lensgraph convert") from None
     from .process import process
 
     step("load")
@@ -120,8 +120,7 @@ def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bo
     report = process(exported, os.path.join(staged.path, MODEL), passes=manager, verify=verify,
                      progress=step) if manager.passes else _unprocessed(exported, manager)
     if not report["written"]:  # nothing to do or nothing changed: the export itself is the model
-        for name in os.listdir(raw):
-            os.replace(os.path.join(raw, name), os.path.join(staged.path, name))
+        _move_contents(raw, staged.path)
         report["data_file"] = info.get("data_file")
     shutil.rmtree(raw)  # the export, where processing wrote its own model
     if hooks:
@@ -130,6 +129,12 @@ def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bo
     report["export"] = {k: v for k, v in info.items() if k not in ("out_path", "data_file")}
     report["notes"] = notes + report.get("notes", [])
     return report
+
+
+def _move_contents(folder: str, into: str) -> None:
+    """Every entry of `folder` renamed into `into` (the same file system: the staging folder)."""
+    for name in os.listdir(folder):
+        os.replace(os.path.join(folder, name), os.path.join(into, name))
 
 
 def _unprocessed(exported: str, manager) -> dict:
@@ -156,8 +161,7 @@ def _add_hooks(path: str, patterns) -> dict:
     for name in os.listdir(folder):  # the model without hooks and its data
         if name == MODEL or name.startswith(MODEL + ".data"):
             os.remove(os.path.join(folder, name))
-    for name in os.listdir(hooked):
-        os.replace(os.path.join(hooked, name), os.path.join(folder, name))
+    _move_contents(hooked, folder)
     os.rmdir(hooked)
     return report.to_dict()
 
@@ -169,7 +173,7 @@ def _genai(source, staged: StagedFolder, manager, verify: bool, step) -> dict:
     try:
         import onnxruntime_genai  # noqa: F401
     except ModuleNotFoundError as exc:
-        raise missing_extra(exc, "lensgraph convert --exporter genai", extra="genai") from None
+        raise missing_extra(exc.name, "lensgraph convert --exporter genai", extra="genai") from None
     built = os.path.join(staged.path, "genai")
     step("export")
     where = ["-i", os.path.expanduser(str(source))] if os.path.exists(os.path.expanduser(str(source))) \
@@ -187,15 +191,8 @@ def _genai(source, staged: StagedFolder, manager, verify: bool, step) -> dict:
     final = processed if report["written"] else built
     if os.path.exists(os.path.join(final, RECORD)):  # process's record of its part; convert writes the whole
         os.remove(os.path.join(final, RECORD))
-    for name in os.listdir(final):
-        os.replace(os.path.join(final, name), os.path.join(staged.path, name))
+    _move_contents(final, staged.path)
     shutil.rmtree(built, ignore_errors=True)
     shutil.rmtree(processed, ignore_errors=True)
     report["export"] = {"exporter": "genai", "builder": "onnxruntime_genai.models.builder -p fp32 -e cpu"}
     return report
-
-
-def missing_extra(exc: ModuleNotFoundError, command: str, extra: str = "export") -> BadInputError:
-    """A usage error naming the extra to install, in a form that works from a clone too."""
-    return BadInputError(f"{command} needs {exc.name}, which is not installed: pip install 'lensgraph[{extra}]' "
-                         f"(from a clone: pip install -e '.[{extra}]', or `make demo`, which installs it into .venv)")

