@@ -81,7 +81,8 @@ class Point:
     form: str
     found: str  # where it was found, in words (goes into the node's doc_string)
     norm: Norm | None = None
-    indices: object = None  # COLUMNS: [head, d_head] column indices; KEYS: the head indices to keep
+    indices: object = None  # COLUMNS: [head, d_head] column indices; KEYS: the head indices to keep;
+    # RESULT: (W_O per head [head, d_head, d_model], z's form, the output projection's output)
 
 
 @dataclass
@@ -251,7 +252,7 @@ def _result(name: str, z, layout, model) -> Point | str:
     w_o = LinearWeights(model.weights).weight(layout.o)
     per_head = np.stack([w_o[rows] for rows in layout.o_rows]).astype(layout.o.source.dtype.numpy())
     return Point(name, z.value, RESULT, f"{z.found}, through each head's rows of {layout.o.name}",
-                 indices=(per_head, z.form))
+                 indices=(per_head, z.form, layout.o.node.outputs[0]))
 
 
 def _first_step(layer) -> int:

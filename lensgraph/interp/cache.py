@@ -38,7 +38,7 @@ def session(model: str | os.PathLike, provider: str = "CPUExecutionProvider", po
 def _session(model, provider: str, points, copies: bool) -> tuple:
     """(session, {point: graph output}); without `copies`, a point that is a tensor of the graph
     is fetched as that tensor (see hooks.add_hooks)."""
-    path, key = _file_key(model)
+    path, key = file_key(model)
     names = select(_points(path, key), points)
     skey = key + (provider, tuple(names), copies)
     if skey not in _SESSIONS:
@@ -48,7 +48,17 @@ def _session(model, provider: str, points, copies: bool) -> tuple:
     return _SESSIONS[skey]
 
 
-def _file_key(model) -> tuple[str, tuple]:
+def model_facts(model) -> tuple[str, tuple, list[str], tuple, dict]:
+    """(path, file key, placeable points, (vocabulary, learned positions), KV-cache head sizes), worked
+    out once per file."""
+    path, key = file_key(model)
+    names = _points(path, key)
+    _, _, limits, dims_known = _FILES[path]
+    return path, key, names, limits, dims_known
+
+
+def file_key(model) -> tuple[str, tuple]:
+    """(absolute path, a key that changes when the file does)."""
     if not isinstance(model, (str, os.PathLike)):
         raise BadInputError(f"model must be a file path or an onnxruntime InferenceSession, not {type(model).__name__}")
     path = os.path.abspath(os.fspath(model))
@@ -99,12 +109,12 @@ def run_with_cache(model, input_ids, attention_mask=None, points=None, provider:
         held = {n: n for n in select([n for n in outputs if is_point(n)], points)}
     else:
         sess, held = _session(model, provider, points, copies=False)
-        path = _file_key(model)[0]
+        path = file_key(model)[0]
         _, _, limits, dims_known = _FILES[path]
         outputs = [o.name for o in sess.get_outputs()]
     logits = "logits" if "logits" in outputs else outputs[0]
     fetch = [logits] + [n for n in dict.fromkeys(held.values()) if n != logits]
-    feeds = _feeds(sess, token_ids(input_ids, *limits), attention_mask, dims_known)
+    feeds = model_feeds(sess.get_inputs(), token_ids(input_ids, *limits), attention_mask, dims_known)
     values = dict(zip(fetch, _run(sess, fetch, feeds)))
     return values[logits], ActivationCache({point: values[out] for point, out in held.items()}, path)
 
@@ -141,9 +151,10 @@ def token_ids(input_ids, vocab: int | None, positions: int | None) -> np.ndarray
     return ids
 
 
-def _feeds(sess, ids: np.ndarray, attention_mask, dims_known: dict) -> dict:
+def model_feeds(inputs, ids: np.ndarray, attention_mask, dims_known: dict) -> dict:
+    """Values for a transformer graph's onnxruntime inputs: the ids, a mask, positions, an empty past."""
     feeds = {}
-    for inp in sess.get_inputs():
+    for inp in inputs:
         dtype = np.int32 if inp.type == "tensor(int32)" else np.int64
         if "past" in inp.name and inp.type in FLOAT_TYPES:  # a KV-cache graph at its first step: an empty past
             feeds[inp.name] = empty_past(inp, ids.shape[0], dims_known, "run_with_cache")

@@ -224,30 +224,45 @@ class _Builder:
         if point.form in (PER_POSITION, SCALE, NORMALIZED):
             v = self.private_copy(name, v)
         rank = None if v.shape is None else len(v.shape)
-        as_is = point.form == AS_IS or (point.form == PER_POSITION and rank == 3)
-        if as_is and not self.copies and v.producer() is not None and v.name:
+        if self.as_is(point, v) and not self.copies and v.producer() is not None and v.name:
             if not v.is_graph_output():
                 v.dtype = v.dtype or self.float_type
                 self.ranks.append((v, rank or 4))
                 self.graph.outputs.append(v)
             return v
-        if as_is:
-            out = self._node(name, "Identity", [v], f"{point.found}", out_name=name)
+        out = self.layout(point, v, out_name=name)
+        self.graph.outputs.append(out)
+        return out
+
+    @staticmethod
+    def as_is(point: Point, v: ir.Value) -> bool:
+        """Whether the tensor already is in TransformerLens's layout."""
+        return point.form == AS_IS or (point.form == PER_POSITION and v.shape is not None and len(v.shape) == 3)
+
+    def layout(self, point: Point, v: ir.Value, out_name: str | None = None) -> ir.Value:
+        """The point in TransformerLens's layout, computed from `v` (the point's tensor, or what
+        replaces it); named `out_name` when given, else `v` itself where it already is that layout."""
+        name = point.name
+        rank = None if v.shape is None else len(v.shape)
+        if self.as_is(point, v):
+            if out_name is None:
+                return v
+            out = self._node(name, "Identity", [v], f"{point.found}", out_name=out_name)
         elif point.form == PER_POSITION:
             shape = self._node(name, "Concat", [self.ids_shape(), self._const(name, "rest", np.array([-1], np.int64))],
                                "[batch, pos, -1]", axis=0)
-            out = self._node(name, "Reshape", [v, shape], f"{point.found}, as [batch, pos, -1]", out_name=name)
+            out = self._node(name, "Reshape", [v, shape], f"{point.found}, as [batch, pos, -1]", out_name=out_name)
         elif point.form == BROADCAST:
             shape = self._node(name, "Concat", [self.ids_shape(), self._const(name, "one", np.array([1], np.int64))],
                                "[batch, pos, 1]", axis=0)
-            out = self._node(name, "Expand", [v, shape], f"{point.found}, repeated over the batch", out_name=name)
+            out = self._node(name, "Expand", [v, shape], f"{point.found}, repeated over the batch", out_name=out_name)
         elif point.form == HEADS:
             out = self._node(name, "Transpose", [v], f"{point.found}, as [batch, pos, head, d_head]",
-                             out_name=name, perm=[0, 2, 1, 3])
+                             out_name=out_name, perm=[0, 2, 1, 3])
         elif point.form == SCALE:
-            out = self._scale(point)
+            out = self._scale(point, v, out_name)
         elif point.form == NORMALIZED:
-            out = self._scale(point, normalized=True)
+            out = self._scale(point, v, out_name, normalized=True)
         elif point.form == COLUMNS:
             heads, d_head = point.indices.shape
             picked = self._columns(name, v, point.indices.reshape(-1).astype(np.int64))
@@ -255,17 +270,17 @@ class _Builder:
                                                                                                       np.int64))],
                                "[batch, pos, head, d_head]", axis=0)
             out = self._node(name, "Reshape", [picked, shape], f"{point.found}, as [batch, pos, head, d_head]",
-                             out_name=name)
+                             out_name=out_name)
         elif point.form == KEYS:
             keys = self._node(name, "Transpose", [v], "[batch, key, head, d_head]", perm=[0, 3, 1, 2])
             out = self._node(name, "Gather", [keys, self._const(name, "heads", np.asarray(point.indices, np.int64))],
-                             f"{point.found}, each key head once", out_name=name, axis=2)
+                             f"{point.found}, each key head once", out_name=out_name, axis=2)
         elif point.form == RESULT:
-            w_o, z_form = point.indices
+            w_o, z_form, _ = point.indices
             z = v if z_form == AS_IS else self._node(name, "Transpose", [v], "[batch, pos, head, d_head]",
                                                      perm=[0, 2, 1, 3])
             out = self._node(name, "Einsum", [z, self._const(name, "W_O", w_o)], f"{point.found}",
-                             out_name=name, equation="bphd,hdm->bphm")
+                             out_name=out_name, equation="bphd,hdm->bphm")
         elif point.form == SCORES:
             # x4 then /4: exact (powers of two) for every score below a quarter of the float range,
             # and the additive mask's large negatives overflow to -inf; two scalar products cost
@@ -274,13 +289,12 @@ class _Builder:
             up = self._node(name, "Mul", [v, self._const(name, "four", np.array(4, dtype))],
                             "x4: the additive mask's large negatives overflow to -inf")
             out = self._node(name, "Mul", [up, self._const(name, "quarter", np.array(0.25, dtype))],
-                             f"{point.found}, masked positions -inf", out_name=name)
+                             f"{point.found}, masked positions -inf", out_name=out_name)
         else:
             raise ValueError(point.form)
         out.dtype = v.dtype or self.float_type  # a graph output needs a type, if inference found none
         self.ranks.append((out, 4 if point.form in (HEADS, COLUMNS, KEYS, RESULT) else 3 if point.form not in (AS_IS, SCORES)
                             else rank or 4))  # AS_IS: pattern or z
-        self.graph.outputs.append(out)
         return out
 
     def _columns(self, name: str, v: ir.Value, columns: np.ndarray) -> ir.Value:
@@ -294,7 +308,7 @@ class _Builder:
                                           self._const(name, "axis", np.array([-1], np.int64))],
                           "the heads' columns, in order")
 
-    def _scale(self, point: Point, normalized: bool = False) -> ir.Value:
+    def _scale(self, point: Point, x: ir.Value, out_name: str | None, normalized: bool = False) -> ir.Value:
         """sqrt(mean((x - mean x)^2) + eps), or sqrt(mean(x^2) + eps) for an RMSNorm; with
         `normalized`, the (centred) input divided by it.
 
@@ -302,7 +316,7 @@ class _Builder:
         onnxruntime's common-subexpression step cannot merge it into a decomposed norm and
         block that norm's fusion.
         """
-        name, x, norm = point.name, self.private_copy(point.name, point.value), point.norm
+        name, norm = point.name, point.norm
         inv_d = self._const(name, "inv_d", self._dtype_const(x, 1.0 / norm.d_model))
         eps = self._const(name, "eps", self._dtype_const(x, norm.eps if norm.eps is not None else 1e-5))
 
@@ -322,5 +336,5 @@ class _Builder:
         if normalized:
             scale = self._node(name, "Sqrt", [var], "sqrt(variance + eps)")
             return self._node(name, "Div", [centred, scale], f"{point.found}: x / sqrt(variance + eps)",
-                              out_name=name)
-        return self._node(name, "Sqrt", [var], f"{point.found}: sqrt(variance + eps)", out_name=name)
+                              out_name=out_name)
+        return self._node(name, "Sqrt", [var], f"{point.found}: sqrt(variance + eps)", out_name=out_name)
