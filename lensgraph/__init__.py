@@ -20,12 +20,16 @@ _WHERE = {
     "DEFAULT_PIPELINE": ".passes", "Pass": ".pipeline", "PassManager": ".pipeline", "PassResult": ".pipeline",
     "process": ".process", "LensModel": ".store.model", "verify": ".verify",
     "from_pretrained": ".convert", "from_pretrained_no_processing": ".convert",
+    "run_with_hooks": ".interp.interventions", "run_with_interventions": ".interp.interventions",
+    "ablate": ".interp.interventions", "patch": ".interp.interventions", "add": ".interp.interventions",
+    "HookPoint": ".interp.interventions",
 }
 
 __all__ = [
-    "ActivationCache", "BadInputError", "DEFAULT_PIPELINE", "Generation", "LensError", "LensModel", "Pass", "PassManager",
-    "PassResult", "TLWeights", "VerificationError", "__version__", "add_hooks", "from_pretrained",
-    "from_pretrained_no_processing", "generate", "process", "run_with_cache", "tl_weights", "to_str_tokens", "verify",
+    "ActivationCache", "BadInputError", "DEFAULT_PIPELINE", "Generation", "HookPoint", "LensError", "LensModel", "Pass",
+    "PassManager", "PassResult", "TLWeights", "VerificationError", "__version__", "ablate", "add", "add_hooks",
+    "from_pretrained", "from_pretrained_no_processing", "generate", "patch", "process", "run_with_cache",
+    "run_with_hooks", "run_with_interventions", "tl_weights", "to_str_tokens", "verify",
 ]
 
 

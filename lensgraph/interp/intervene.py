@@ -21,7 +21,7 @@ the earlier points' replacements fed in as inputs, and every output as early as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -43,7 +43,7 @@ from ..graph.hookpoints import (
     Point,
     all_names,
 )
-from ..store.model import LensModel, infer_shapes
+from ..store.model import LensModel
 from .hooks import HOOK_KEY, HOOKS_KEY, _Builder
 
 INTERVENE_KEY = "lensgraph.intervene"  # on every node an intervention added
@@ -87,9 +87,10 @@ def why_not(point: Point) -> str | None:
     if point.form == SCALE or (point.form == NORMALIZED):
         return (f"{point.name} is computed beside the graph from the norm's input for reading; the norm computes "
                 "its own inside, so changing it would change nothing downstream")
-    if point.form == KEYS and not np.array_equal(np.asarray(point.indices), np.arange(_rank_dim(point.value, 1))):
-        return (f"{point.name}: the rotated keys are repeated per query head (grouped-query attention) before the "
-                "product; intervene on the key heads at attn.hook_k")
+    if point.form == KEYS and _rank_dim(point.value, 1) != len(point.indices):
+        return (f"{point.name}: the rotated keys may be repeated per query head (grouped-query attention) before "
+                "the product, and the graph does not say how many heads it holds; intervene on the key heads at "
+                "attn.hook_k")
     if point.form == BROADCAST:
         readers = [n for n, _ in point.value.uses() if HOOK_KEY not in n.metadata_props]
         if any(n.op_type not in ("Add", "Sum") for n in readers):
@@ -220,6 +221,19 @@ class _Cut(_Builder):
         raise ValueError(form)
 
 
+def rebind(placement: Placement, graph: ir.Graph) -> Placement:
+    """The same placement over a clone of its graph: each point's tensors found by name."""
+    values = {v.name: v for v in list(graph.inputs) + list(graph.initializers.values())}
+    values.update({v.name: v for node in graph for v in node.outputs})
+    points = {}
+    for name, point in placement.points.items():
+        indices = point.indices
+        if point.form == RESULT:
+            indices = (indices[0], indices[1], values[indices[2].name])
+        points[name] = replace(point, value=values[point.value.name], indices=indices)
+    return replace(placement, points=points)
+
+
 def target(point: Point) -> ir.Value:
     """The tensor whose readers see a change at this point (hook_result: the output projection's output)."""
     return point.indices[2] if point.form == RESULT else point.value
@@ -280,7 +294,9 @@ def compile_points(model: LensModel, placement: Placement, names: list[str], bak
             node.replace_input_with(idx, cur)
         current[id(tensor)] = cur
     graph.sort()
-    infer_shapes(model.ir, always=True)
+    for out, rank in cut.ranks:  # graph outputs need a shape, if only a rank
+        if out.shape is None and rank is not None:
+            out.shape = ir.Shape([None] * rank)
     props = model.ir.metadata_props
     props[INTERVENE_KEY] = ",".join(compiled.sites)
     props.pop(HOOKS_KEY, None)

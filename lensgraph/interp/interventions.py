@@ -29,9 +29,11 @@ from ..store.runner import Runner
 from .activation_cache import ActivationCache
 from .cache import model_facts, model_feeds, token_ids
 from .hooks import remove_hooks, select
-from .intervene import Site, compile_points, input_name, segments
+from .intervene import Site, compile_points, input_name, rebind, segments
 
+_BASES: dict[str, tuple] = {}  # path -> (file key, the model without hooks, its placement)
 _ENGINES: dict[tuple, "_Engine"] = {}
+_DIMS: dict[tuple, tuple] = {}  # (file key, point) -> its measured shape
 
 
 class HookPoint:
@@ -110,7 +112,9 @@ def _index(what: str, point: str, given, size: int | None, allow_negative: bool 
         idx = np.asarray(list(items))
     except TypeError:
         raise BadInputError(f"{point}: {what} must be an index or a list of indices, not {given!r}") from None
-    if idx.size == 0 or not np.issubdtype(idx.dtype, np.integer) or idx.dtype == bool:
+    if idx.size == 0:  # none chosen: the change applies nowhere
+        return np.zeros(size, bool)
+    if not np.issubdtype(idx.dtype, np.integer) or idx.dtype == bool:
         raise BadInputError(f"{point}: {what} must be whole-number indices, not {given!r}")
     low = -size if allow_negative else 0
     bad = idx[(idx < low) | (idx >= size)]
@@ -202,13 +206,11 @@ def combine(parts: list[tuple], rank: int, dtype) -> dict[str, np.ndarray]:
 
 # -- engines: the compiled model's pieces and their sessions -----------------------------------
 class _Engine:
-    def __init__(self, path: str, provider: str, sites: tuple, hooked: tuple, cache: tuple):
-        model = LensModel.load(path)
-        remove_hooks(model)
-        placement = place(model.graph, model=model)
+    def __init__(self, path: str, key: tuple, provider: str, sites: tuple, hooked: tuple, cache: tuple):
+        model, placement = _fresh(path, key)
         compiled = compile_points(model, placement, list(sites), seen=hooked, cache=cache)
         self.sites = compiled.sites
-        _measure_dims(path, provider, self.sites)
+        _measure_dims(path, key, provider, self.sites)
         self.hooked = [s for name, s in compiled.sites.items() if name in hooked]
         proto = ir.serde.serialize_model(model.ir)
         del model
@@ -235,17 +237,30 @@ class _Engine:
         return values[self.logits], {p: values[p] for p in self.cache}
 
 
-def _measure_dims(path: str, provider: str, sites: dict[str, Site]) -> None:
+def _fresh(path: str, key: tuple) -> tuple[LensModel, object]:
+    """A copy of the model (tensors shared) and its placement, to cut; loaded and placed once per file."""
+    if path not in _BASES or _BASES[path][0] != key:
+        model = LensModel.load(path)
+        remove_hooks(model)
+        _BASES[path] = (key, model, place(model.graph, model=model))
+    _, base, placement = _BASES[path]
+    model = LensModel(base.ir.clone(deep_copy=True), path)
+    return model, rebind(placement, model.graph)
+
+
+def _measure_dims(path: str, key: tuple, provider: str, sites: dict[str, Site]) -> None:
     """Fill in the sizes the graph declares only symbolically (heads in most exports), read off one
-    two-token run of the model with those points."""
+    two-token run of the model with those points (once per file and point)."""
     from .cache import run_with_cache
 
     unknown = [s for s in sites.values() if any(d is None for a, d in enumerate(s.dims) if a not in _free_axes(s))]
-    if not unknown:
-        return
-    _, cache = run_with_cache(path, np.zeros((1, 2), np.int64), points=[s.point for s in unknown], provider=provider)
+    todo = [s.point for s in unknown if (key, s.point) not in _DIMS]
+    if todo:
+        _, cache = run_with_cache(path, np.zeros((1, 2), np.int64), points=todo, provider=provider)
+        for point in todo:
+            _DIMS[(key, point)] = cache[point].shape
     for site in unknown:
-        shape = cache[site.point].shape
+        shape = _DIMS[(key, site.point)]
         site.dims = tuple(None if a in _free_axes(site) else int(d) for a, d in enumerate(shape))
 
 
@@ -281,7 +296,7 @@ def _engine(path: str, key: tuple, provider: str, sites: list[str], hooked: list
     if ekey not in _ENGINES:
         for old in [k for k in _ENGINES if k[0] == path and k[:len(key)] != key]:
             del _ENGINES[old]  # the file changed since
-        _ENGINES[ekey] = _Engine(path, provider, tuple(sites), tuple(hooked), tuple(cache))
+        _ENGINES[ekey] = _Engine(path, key, provider, tuple(sites), tuple(hooked), tuple(cache))
     return _ENGINES[ekey]
 
 
@@ -355,18 +370,24 @@ def _means(model, provider, changes: dict, ids, attention_mask) -> dict:
 
 
 def run_with_hooks(model, input_ids, fwd_hooks=(), points=None, attention_mask=None, interventions=None,
-                   provider: str = "CPUExecutionProvider"):
+                   provider: str = "CPUExecutionProvider", sites=None):
     """The logits with hook functions changing the points they name (TransformerLens's run_with_hooks),
-    and with `points` (globs), an ActivationCache of those points as the changed model computed them."""
-    path, key, _, ids, dims_known, hooks, changes, cache = _prepare(model, input_ids, fwd_hooks, interventions, points)
+    and with `points` (globs), an ActivationCache of those points as the changed model computed them.
+
+    `interventions` (ablate, patch, add) may change other points in the same run; `sites` (globs)
+    names more points to compile than these change, so that calls changing different ones of them
+    share one session."""
+    path, key, names, ids, dims_known, hooks, changes, cache = _prepare(model, input_ids, fwd_hooks, interventions,
+                                                                        points)
+    extra = [] if sites is None else select(names, sites)
     means = _means(path, provider, changes, ids, attention_mask)
-    engine = _engine(path, key, provider, sorted(set(hooks) | set(changes)), sorted(hooks), cache)
+    engine = _engine(path, key, provider, sorted(set(hooks) | set(changes) | set(extra)), sorted(hooks), cache)
     logits, values = engine.run(ids, attention_mask, dims_known, _parts(engine, changes, ids, means), hooks)
     return logits if points is None else (logits, ActivationCache(values, path))
 
 
 def run_with_interventions(model, input_ids, interventions, points=None, attention_mask=None,
-                           provider: str = "CPUExecutionProvider"):
+                           provider: str = "CPUExecutionProvider", sites=None):
     """The logits under declarative interventions (ablate, patch, add), in one forward; with `points`,
-    also an ActivationCache of those points."""
-    return run_with_hooks(model, input_ids, (), points, attention_mask, interventions, provider)
+    also an ActivationCache of those points (see run_with_hooks for `sites`)."""
+    return run_with_hooks(model, input_ids, (), points, attention_mask, interventions, provider, sites)
