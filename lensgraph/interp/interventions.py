@@ -369,6 +369,18 @@ def _means(model, provider, changes: dict, ids, attention_mask) -> dict:
     return out
 
 
+def engine_for(model, points: list[str], provider: str = "CPUExecutionProvider"):
+    """(the compiled engine for `points`, the token ids' limits, the KV-cache head sizes): for loops
+    that feed the cut's inputs themselves (the patching sweeps)."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise BadInputError(f"model must be a path to an ONNX file, not {type(model).__name__}")
+    path, key, names, limits, dims_known = model_facts(model)
+    missing = [p for p in points if p not in names]
+    if missing:
+        raise BadInputError(f"{path}: has no hook point {missing[0]}")
+    return _engine(path, key, provider, sorted(points), [], []), limits, dims_known
+
+
 def run_with_hooks(model, input_ids, fwd_hooks=(), points=None, attention_mask=None, interventions=None,
                    provider: str = "CPUExecutionProvider", sites=None):
     """The logits with hook functions changing the points they name (TransformerLens's run_with_hooks),
