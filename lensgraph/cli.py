@@ -165,7 +165,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (default: greedy)")
     p.add_argument("--seed", type=int, default=None, help="the sampling seed (default: none)")
     p.add_argument("--eos", type=int, default=None, help="stop once this token id is generated (default: none)")
+    _steering_options(p)
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("steer", parents=[common], help="write a model with steering vectors added at hook points")
+    p.add_argument("source", help="a model file (plain or KV-cache), an onnxruntime-genai folder, or a folder "
+                   "lensgraph convert wrote")
+    p.add_argument("-o", "--output", required=True, help="where to write it: a file for a file, a folder for a folder")
+    _steering_options(p)
+    p.add_argument("--no-verify", action="store_true", help="skip the checks before writing (default: check that "
+                   "coefficient 0 is the source and the logits are the source's with the vectors added)")
+    p.add_argument("--provider", default="CPUExecutionProvider", help=PROVIDER_HELP)
+    p.set_defaults(func=_steer)
 
     p = sub.add_parser("view", parents=[common], help="serve a model in Netron on 127.0.0.1")
     p.add_argument("model", help="an ONNX model")
@@ -182,6 +193,54 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch.onnx exporter (default: dynamo)")
     p.set_defaults(func=_demo)
     return parser
+
+
+def _steering_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--add", action="append", default=[], metavar="POINT=FILE[*COEFF]",
+                   help="add the vector in FILE (.npy, or .safetensors[:NAME]) times COEFF at the hook point, at every "
+                        "position; repeatable (default: none)")
+    p.add_argument("--control-vector", action="append", default=[], metavar="FILE",
+                   help="a llama.cpp control-vector GGUF: direction.N added at the end of block N; repeatable, summed "
+                        "(default: none)")
+    p.add_argument("--control-vector-scaled", action="append", nargs=2, default=[], metavar=("FILE", "SCALE"),
+                   help="a control vector times SCALE; repeatable (default: none)")
+    p.add_argument("--control-vector-layer-range", nargs=2, type=int, default=None, metavar=("START", "END"),
+                   help="apply control vectors only to blocks START..END, both included (default: every block)")
+
+
+def _steering(args) -> dict:
+    """{point: vector} from --add and the control-vector options (vectors summed per point)."""
+    from .interp.steer import control_vector_additions, parse_add
+
+    files = [(path, 1.0) for path in args.control_vector]
+    for path, scale in args.control_vector_scaled:
+        try:
+            files.append((path, float(scale)))
+        except ValueError:
+            raise BadInputError(f"--control-vector-scaled {path} {scale}: the scale must be a number") from None
+    total = control_vector_additions(files, args.control_vector_layer_range)
+    for spec in args.add:
+        point, vector, coeff = parse_add(spec)
+        total[point] = total.get(point, 0) + vector.astype("float64") * coeff
+    return total
+
+
+def _steer(args) -> int:
+    from .interp.steer import steer
+
+    report = steer(args.source, args.output, _steering(args), verify=not args.no_verify, provider=args.provider,
+                   layer_range=None)
+    if not args.quiet:
+        for point, info in report["added"].items():
+            print(f"  added at {point} (norm {info['norm']:.4g})")
+        v = report["verification"]
+        if v:
+            print(f"  verified: coefficient 0 equals the source ({v['coefficient_zero']['max_rel_diff']:.1e} of the "
+                  f"logit scale); with the vectors, the source's logits with them added ({v['against_the_cut']:.1e})")
+        else:
+            print("  verification: skipped (--no-verify)")
+        print(f"  wrote {report['output']}")
+    return 0
 
 
 def _pipeline_options(p: argparse.ArgumentParser, explicit: bool) -> None:
@@ -406,7 +465,14 @@ def _generate(args) -> int:
             ids = np.array([[int(t) for t in args.prompt_ids.split(",")]], np.int64)
         except ValueError:
             raise BadInputError(f"--prompt-ids {args.prompt_ids!r}: give whole numbers separated by commas") from None
-    gen = generate(args.model, ids, args.max_new_tokens, do_sample=args.sample, seed=args.seed, eos_token_id=args.eos)
+    steering = _steering(args)
+    interventions = None
+    if steering:
+        from .interp.interventions import add
+
+        interventions = [add(point, vector) for point, vector in steering.items()]
+    gen = generate(args.model, ids, args.max_new_tokens, do_sample=args.sample, seed=args.seed, eos_token_id=args.eos,
+                   interventions=interventions)
     new = gen.new_tokens[0]
     print(",".join(str(int(t)) for t in new))
     if tokenizer is not None:

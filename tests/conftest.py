@@ -78,3 +78,20 @@ class FamilyZoo:
 @pytest.fixture(scope="session")
 def family_exports(tmp_path_factory):
     return FamilyZoo(str(tmp_path_factory.mktemp("families")))
+
+
+@pytest.fixture(scope="session")
+def genai(tmp_path_factory):
+    """(family, precision) -> an onnxruntime-genai folder (genai_zoo.build), built on first use; its
+    HF checkpoint lies beside it as FAMILY-hf."""
+    from genai_zoo import build
+
+    root = tmp_path_factory.mktemp("genai")
+    built = {}
+
+    def get(family: str, precision: str = "fp32") -> str:
+        if (family, precision) not in built:
+            built[family, precision] = build(root, family, precision)
+        return built[family, precision]
+
+    return get

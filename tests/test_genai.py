@@ -19,57 +19,11 @@ from lensgraph.export import export_model
 from lensgraph.graph.anatomy import analyse
 from lensgraph.store.model import LensModel
 from lensgraph.store.weights import LinearWeights
-from lensgraph.tiny_models import randomise_1d
 
 import onnxruntime_genai as og  # the genai extra, part of the test extra
-from onnxruntime_genai.models.builder import create_model, parse_extra_options
+from genai_zoo import CONFIGS
 
-# onnxruntime's CPU GroupQueryAttention wants a head size that is a multiple of 16
-SHAPE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-             max_position_embeddings=128, vocab_size=96, bos_token_id=0, eos_token_id=0)
-CONFIGS = {
-    "llama": lambda: tf.LlamaConfig(**SHAPE),
-    "qwen2": lambda: tf.Qwen2Config(**SHAPE),  # value biases, through the packed q|k|v
-    "mistral": lambda: tf.MistralConfig(sliding_window=None, **SHAPE),
-    "gemma": lambda: tf.GemmaConfig(head_dim=16, **SHAPE),  # 1 + w, a tied table read through a Transpose
-    "phi3": lambda: tf.Phi3Config(pad_token_id=0, original_max_position_embeddings=128, **SHAPE),  # packed maps
-}
 PROMPT = [3, 5, 7, 9]
-
-
-def _checkpoint(folder, family: str) -> str:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    torch.manual_seed(3)
-    model = tf.AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
-    randomise_1d(model, 3)
-    model.save_pretrained(folder)
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 8],
-                            trainers.BpeTrainer(vocab_size=96, special_tokens=["<s>", "[UNK]"]))
-    tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>", unk_token="[UNK]").save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="session")
-def genai(tmp_path_factory):
-    """(family, precision) -> an onnxruntime-genai folder, built on first use."""
-    root = tmp_path_factory.mktemp("genai")
-    built = {}
-
-    def get(family: str, precision: str = "fp32") -> str:
-        if (family, precision) not in built:
-            ckpt = root / f"{family}-hf"
-            if not ckpt.exists():
-                _checkpoint(ckpt, family)
-            out = root / f"{family}-{precision}"
-            args = ("", str(ckpt), str(out), precision, "cpu", str(root / "cache"))
-            create_model(*args, **parse_extra_options(*args, []))  # the builder's own two steps
-            built[family, precision] = str(out)
-        return built[family, precision]
-
-    return get
 
 
 def greedy(folder: str, n: int = 30) -> list[int]:

@@ -48,15 +48,6 @@ def _session(model, provider: str, points, copies: bool) -> tuple:
     return _SESSIONS[skey]
 
 
-def model_facts(model) -> tuple[str, tuple, list[str], tuple, dict]:
-    """(path, file key, placeable points, (vocabulary, learned positions), KV-cache head sizes), worked
-    out once per file."""
-    path, key = file_key(model)
-    names = _points(path, key)
-    _, _, limits, dims_known = _FILES[path]
-    return path, key, names, limits, dims_known
-
-
 def file_key(model) -> tuple[str, tuple]:
     """(absolute path, a key that changes when the file does)."""
     if not isinstance(model, (str, os.PathLike)):
@@ -74,11 +65,11 @@ def _points(path: str, key: tuple) -> list[str]:
         model = LensModel.load(path)
         remove_hooks(model)
         placement = place(model.graph, model=model)
-        _FILES[path] = (key, list(placement.points), _limits(placement.anatomy), cache_dims(path))
+        _FILES[path] = (key, list(placement.points), id_limits(placement.anatomy), cache_dims(path))
     return _FILES[path][1]
 
 
-def _limits(anatomy) -> tuple[int | None, int | None]:
+def id_limits(anatomy) -> tuple[int | None, int | None]:
     """(vocabulary size, learned positions): the token ids and sequence lengths the model can take."""
     vocab = anatomy.unembed.d_out if anatomy.unembed is not None else None
     table = next((w for w in anatomy.writers if w.role == "pos_embed" and w.node is not None), None)

@@ -27,7 +27,7 @@ from ..store.folder import is_model_folder, model_file
 from ..store.runner import cache_dims, empty_past
 from ..store.model import LensModel
 from .cache import is_point, session, token_ids
-from .hooks import add_hooks
+from .hooks import add_hooks, select
 
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 
@@ -45,9 +45,13 @@ class Generation:
 
 
 def generate(model, prompt_ids, max_new_tokens: int, points=None, do_sample: bool = False, seed: int | None = None,
-             eos_token_id: int | None = None, provider: str = "CPUExecutionProvider") -> Generation:
+             eos_token_id: int | None = None, provider: str = "CPUExecutionProvider",
+             interventions=None) -> Generation:
     """Greedy (or, with `do_sample`, seeded sampled) decoding of `max_new_tokens` tokens, stopping early
-    only when every sequence has produced `eos_token_id` (when one is given)."""
+    only when every sequence has produced `eos_token_id` (when one is given).
+
+    `interventions` (ablate, patch, add) apply at every step, at every position; the hook points in
+    `points` then show the changed model's activations."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise BadInputError(f"max_new_tokens must be a positive whole number, not {max_new_tokens!r}")
     if not isinstance(model, (str, os.PathLike)):
@@ -55,12 +59,42 @@ def generate(model, prompt_ids, max_new_tokens: int, points=None, do_sample: boo
                             f"{type(model).__name__}")
     model = os.fspath(model)
     if is_model_folder(model):
-        return _generate_genai(model, prompt_ids, max_new_tokens, points, do_sample, seed, eos_token_id)
-    return _generate_onnxruntime(model, prompt_ids, max_new_tokens, points, do_sample, seed, eos_token_id, provider)
+        return _generate_genai(model, prompt_ids, max_new_tokens, points, do_sample, seed, eos_token_id, interventions,
+                               provider)
+    return _generate_onnxruntime(model, prompt_ids, max_new_tokens, points, do_sample, seed, eos_token_id, provider,
+                                 interventions)
 
 
-def _generate_onnxruntime(path, prompt_ids, n, points, do_sample, seed, eos, provider) -> Generation:
-    sess = session(path, provider, points or [])
+def _steady(model: str, interventions) -> dict:
+    """{point: interventions}, each the same at every step: no positions, and no patch (its values
+    belong to one prompt's positions)."""
+    from .interventions import resolve
+
+    changes = resolve(model, interventions)
+    for name, ivs in changes.items():
+        for iv in ivs:
+            if iv.kind == "patch" or not (iv.positions is None or (isinstance(iv.positions, str) and
+                                                                     iv.positions == "all")):
+                raise BadInputError(f"{name}: in generation an intervention applies at every position of every step; "
+                                    "give no positions (and ablate or add rather than patch)")
+    return changes
+
+
+def _generate_onnxruntime(path, prompt_ids, n, points, do_sample, seed, eos, provider, interventions=None) -> Generation:
+    parts = None
+    if interventions:
+        from .interventions import engine_for, means_for, parts_for
+
+        changes = _steady(path, interventions)
+        cache = select(engine_cache_points(path), points) if points else []
+        engine, _, _ = engine_for(path, list(changes), provider, cache=cache)
+        sess = engine.pieces[0][0]
+        means = means_for(path, provider, changes, token_ids(prompt_ids, None, None))
+
+        def parts(step_ids):
+            return parts_for(engine, changes, step_ids, means)
+    else:
+        sess = session(path, provider, points or [])
     dims_known = cache_dims(path)
     inputs = {i.name: i for i in sess.get_inputs()}
     past = {name: PAST.match(name) for name in inputs if PAST.match(name)}
@@ -92,6 +126,8 @@ def _generate_onnxruntime(path, prompt_ids, n, points, do_sample, seed, eos, pro
                 feeds[name] = np.tile(np.arange(total - step_ids.shape[1], total, dtype=dtype), (batch, 1))
             else:
                 feeds[name] = step_ids.astype(dtype)
+        if parts is not None:
+            feeds.update(parts(step_ids))
         names = [logits_name] + list(present.values()) + hooks
         values = dict(zip(names, sess.run(names, feeds)))
         nxt = _choose(values[logits_name][:, -1].astype(np.float64), do_sample, rng)
@@ -106,6 +142,12 @@ def _generate_onnxruntime(path, prompt_ids, n, points, do_sample, seed, eos, pro
         if eos is not None and done.all():
             break
     return Generation(tokens, prompt.shape[1], steps, "onnxruntime")
+
+
+def engine_cache_points(path: str) -> list[str]:
+    from .interventions import placed_points
+
+    return placed_points(path)
 
 
 def _last_position(name: str, value: np.ndarray) -> np.ndarray:
@@ -123,7 +165,8 @@ def _choose(logits: np.ndarray, do_sample: bool, rng) -> np.ndarray:
     return np.array([rng.choice(p.shape[-1], p=row) for row in p])
 
 
-def _generate_genai(folder, prompt_ids, n, points, do_sample, seed, eos) -> Generation:
+def _generate_genai(folder, prompt_ids, n, points, do_sample, seed, eos, interventions=None,
+                    provider: str = "CPUExecutionProvider") -> Generation:
     try:
         import onnxruntime_genai as og
     except ImportError:
@@ -132,15 +175,22 @@ def _generate_genai(folder, prompt_ids, n, points, do_sample, seed, eos) -> Gene
     tokens = token_ids(prompt_ids, None, None).astype(np.int64)
     with tempfile.TemporaryDirectory() as tmp:
         hooks = []
-        if points:  # the same folder, its model with the hook outputs
+        if interventions:  # the same folder, its model with the interventions as constants (and the hooks)
+            from .interventions import frozen_model
+
+            path = model_file(folder)
+            hooks = select(engine_cache_points(path), points) if points else []
+            hooked = frozen_model(path, _steady(path, interventions), hooks, provider, tokens)
+        elif points:  # the same folder, its model with the hook outputs
             hooked = LensModel.load(model_file(folder))
             hooks = add_hooks(hooked, points).added
+        if interventions or points:
             for entry in os.scandir(folder):
                 if entry.is_file() and not entry.name.startswith(os.path.basename(hooked.path)):
                     shutil.copy2(entry.path, tmp)
             hooked.save(os.path.join(tmp, os.path.basename(hooked.path)), external_data=True)
         try:
-            model = og.Model(tmp if points else folder)
+            model = og.Model(tmp if points or interventions else folder)
         except Exception as exc:
             raise BadInputError(f"{folder}: onnxruntime-genai cannot load it ({str(exc).splitlines()[0][:300]})") from exc
         out, steps = [], []

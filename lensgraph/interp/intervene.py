@@ -43,6 +43,7 @@ from ..graph.hookpoints import (
     Point,
     all_names,
 )
+from ..graph.unfuse import SKIP_NORMS
 from ..store.model import LensModel
 from .hooks import HOOK_KEY, HOOKS_KEY, _Builder
 
@@ -69,6 +70,7 @@ class Site:
     dtype: np.dtype
     changed: str  # the name of x', the changed value in TransformerLens's layout
     seen: str | None = None  # the graph output of x, where asked for
+    view: str | None = None  # the name of x, the point in TransformerLens's layout
     head_axis: int | None = None  # where the heads are in `dims`
     pos_axis: int | None = 1  # the position axis (the query axis of a pattern)
 
@@ -91,6 +93,10 @@ def why_not(point: Point) -> str | None:
         return (f"{point.name}: the rotated keys may be repeated per query head (grouped-query attention) before "
                 "the product, and the graph does not say how many heads it holds; intervene on the key heads at "
                 "attn.hook_k")
+    producer = target(point).producer()
+    if producer is not None and producer.op_type in SKIP_NORMS:
+        return (f"{point.name} is the sum inside {producer.op_type} {producer.name}, which normalises it inside: "
+                "split the fused norms first (graph/unfuse.py)")
     if point.form == BROADCAST:
         readers = [n for n, _ in point.value.uses() if HOOK_KEY not in n.metadata_props]
         if any(n.op_type not in ("Add", "Sum") for n in readers):
@@ -282,6 +288,7 @@ def compile_points(model: LensModel, placement: Placement, names: list[str], bak
                         pos_axis=pos_axis)
             source = current.get(id(point.value), point.value) if point.form == RESULT else cur
             x = cut.layout(point, source)
+            site.view = x.name
             if point.name in seen:
                 site.seen = seen_name(point.name)
                 out = cut._node(point.name, "Identity", [x], "the value entering the change", out_name=site.seen)
@@ -301,6 +308,20 @@ def compile_points(model: LensModel, placement: Placement, names: list[str], bak
     props[INTERVENE_KEY] = ",".join(compiled.sites)
     props.pop(HOOKS_KEY, None)
     return compiled
+
+
+def freeze(model: LensModel, values: dict[str, np.ndarray]) -> None:
+    """Make the cut's inputs constants: `values` where given, the neutral defaults elsewhere (for an
+    engine that feeds no inputs of ours, such as onnxruntime-genai's)."""
+    graph = model.graph
+    for v in [v for v in graph.inputs if v.name in graph.initializers and v.name.rpartition(":")[2] in PARTS]:
+        graph.inputs.remove(v)
+        if v.name in values:
+            array = np.ascontiguousarray(values[v.name])
+            v.const_value = ir.tensor(array, name=v.name)
+            v.shape = ir.Shape(array.shape)
+        else:
+            v.shape = ir.Shape(v.const_value.shape)
 
 
 # -- pieces for hook functions -----------------------------------------------------------
@@ -341,6 +362,11 @@ def segments(proto: onnx.ModelProto, hooked: list[Site]) -> list[Piece]:
         outputs = ([hooked[i].seen] if i < len(hooked) else []) + [o for o in finals if latest.get(o, -1) + 1 == i]
         pieces.append(_piece(proto, outputs, {s.changed for s in hooked[:i]}))
     return pieces
+
+
+def piece(proto: onnx.ModelProto, outputs: list[str], cut: set[str] = frozenset()) -> Piece:
+    """The part of a model that computes `outputs`, the values named in `cut` fed in as inputs."""
+    return _piece(proto, outputs, set(cut))
 
 
 def _piece(proto: onnx.ModelProto, outputs: list[str], cut: set[str]) -> Piece:

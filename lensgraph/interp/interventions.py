@@ -24,15 +24,17 @@ import onnx_ir as ir
 
 from ..errors import BadInputError
 from ..graph.hookpoints import place
+from ..graph.unfuse import unfuse_skip_norms
 from ..store.model import LensModel
-from ..store.runner import Runner
+from ..store.runner import Runner, cache_dims
 from .activation_cache import ActivationCache
-from .cache import model_facts, model_feeds, token_ids
+from .cache import file_key, id_limits, model_feeds, token_ids
 from .hooks import remove_hooks, select
-from .intervene import Site, compile_points, input_name, rebind, segments
+from .intervene import Site, compile_points, freeze, input_name, piece, rebind, segments
 
 _BASES: dict[str, tuple] = {}  # path -> (file key, the model without hooks, its placement)
 _ENGINES: dict[tuple, "_Engine"] = {}
+_CACHE_DIMS: dict[str, tuple] = {}  # path -> (file key, KV-cache head sizes)
 _DIMS: dict[tuple, tuple] = {}  # (file key, point) -> its measured shape
 
 
@@ -210,9 +212,9 @@ class _Engine:
         model, placement = _fresh(path, key)
         compiled = compile_points(model, placement, list(sites), seen=hooked, cache=cache)
         self.sites = compiled.sites
-        _measure_dims(path, key, provider, self.sites)
         self.hooked = [s for name, s in compiled.sites.items() if name in hooked]
         proto = ir.serde.serialize_model(model.ir)
+        _measure_dims(path, key, provider, self.sites, proto)
         del model
         outputs = [o.name for o in proto.graph.output]
         self.logits = "logits" if "logits" in outputs else outputs[0]
@@ -237,28 +239,45 @@ class _Engine:
         return values[self.logits], {p: values[p] for p in self.cache}
 
 
-def _fresh(path: str, key: tuple) -> tuple[LensModel, object]:
-    """A copy of the model (tensors shared) and its placement, to cut; loaded and placed once per file."""
+def _base(path: str, key: tuple):
+    """(the model without hooks and with its fused norms split, its placement), once per file."""
     if path not in _BASES or _BASES[path][0] != key:
         model = LensModel.load(path)
         remove_hooks(model)
+        unfuse_skip_norms(model.graph)  # the stream a fused norm sums inside becomes a tensor to change
         _BASES[path] = (key, model, place(model.graph, model=model))
-    _, base, placement = _BASES[path]
+    return _BASES[path][1:]
+
+
+def _fresh(path: str, key: tuple) -> tuple[LensModel, object]:
+    """A copy of the model (tensors shared) and its placement, to cut."""
+    base, placement = _base(path, key)
     model = LensModel(base.ir.clone(deep_copy=True), path)
     return model, rebind(placement, model.graph)
 
 
-def _measure_dims(path: str, key: tuple, provider: str, sites: dict[str, Site]) -> None:
-    """Fill in the sizes the graph declares only symbolically (heads in most exports), read off one
-    two-token run of the model with those points (once per file and point)."""
-    from .cache import run_with_cache
+def _facts(model):
+    """(path, file key, every point's name, the placed points, id limits, KV-cache head sizes)."""
+    path, key = file_key(model)
+    base, placement = _base(path, key)
+    if path not in _CACHE_DIMS or _CACHE_DIMS[path][0] != key:
+        _CACHE_DIMS[path] = (key, cache_dims(path))
+    return path, key, placement.names, list(placement.points), id_limits(placement.anatomy), _CACHE_DIMS[path][1]
 
+
+def _measure_dims(path: str, key: tuple, provider: str, sites: dict[str, Site], proto) -> None:
+    """Fill in the sizes the graph declares only symbolically (heads in most exports), read off one
+    two-token run of the part of the cut graph that computes those points (once per file and point)."""
     unknown = [s for s in sites.values() if any(d is None for a, d in enumerate(s.dims) if a not in _free_axes(s))]
-    todo = [s.point for s in unknown if (key, s.point) not in _DIMS]
+    todo = [s for s in unknown if (key, s.point) not in _DIMS]
     if todo:
-        _, cache = run_with_cache(path, np.zeros((1, 2), np.int64), points=todo, provider=provider)
-        for point in todo:
-            _DIMS[(key, point)] = cache[point].shape
+        part = piece(proto, list(dict.fromkeys(s.view for s in todo)))
+        session = Runner(part.proto, provider, label=path).session
+        ids = np.zeros((1, 2), np.int64)
+        values = dict(zip(part.outputs, session.run(part.outputs, model_feeds(session.get_inputs(), ids, None,
+                                                                               _facts(path)[5]))))
+        for s in todo:
+            _DIMS[(key, s.point)] = values[s.view].shape
     for site in unknown:
         shape = _DIMS[(key, site.point)]
         site.dims = tuple(None if a in _free_axes(site) else int(d) for a, d in enumerate(shape))
@@ -318,7 +337,7 @@ def _match(names: list[str], what, kind: str) -> list[str]:
 def _prepare(model, input_ids, fwd_hooks, interventions, points):
     if not isinstance(model, (str, os.PathLike)):
         raise BadInputError(f"model must be a path to an ONNX file, not {type(model).__name__}")
-    path, key, names, limits, dims_known = model_facts(model)
+    path, key, names, placed, limits, dims_known = _facts(model)
     ids = token_ids(input_ids, *limits)
     hooks: dict[str, list] = {}
     for entry in fwd_hooks or []:
@@ -326,16 +345,11 @@ def _prepare(model, input_ids, fwd_hooks, interventions, points):
             raise BadInputError(f"fwd_hooks takes (name or glob, function) pairs, not {entry!r}")
         for n in _match(names, entry[0], "hook"):
             hooks.setdefault(n, []).append(entry[1])
-    changes: dict[str, list[Intervention]] = {}
-    for iv in interventions or []:
-        if not isinstance(iv, Intervention):
-            raise BadInputError(f"interventions are made by ablate, patch or add, not {iv!r}")
-        for n in _match(names, iv.point, iv.kind):
-            changes.setdefault(n, []).append(iv)
+    changes = _prepare_changes(names, interventions)
     both = sorted(set(hooks) & set(changes))
     if both:
         raise BadInputError(f"{both[0]}: give a point a hook function or interventions, not both")
-    cache = [] if points is None else select(names, points)
+    cache = [] if points is None else select(placed, points)
     return path, key, names, ids, dims_known, hooks, changes, cache
 
 
@@ -353,32 +367,75 @@ def _parts(engine: _Engine, changes: dict, ids: np.ndarray, means: dict) -> dict
 def _means(model, provider, changes: dict, ids, attention_mask) -> dict:
     """The mean of each point a mean ablation needs: over batch and positions (a pattern: over the
     batch) of the run without interventions, on the intervention's `over` ids or the call's own."""
-    from .cache import run_with_cache
-
     out = {}
     for name, ivs in changes.items():
         for iv in ivs:
             if not iv.needs_mean():
                 continue
-            over = ids if iv.over is None else iv.over
-            _, cache = run_with_cache(model, over, attention_mask if iv.over is None else None, points=[name],
-                                      provider=provider)
-            act = cache[name].astype(np.float64)
+            path, key, _, _, limits, dims_known = _facts(model)
+            over = ids if iv.over is None else token_ids(iv.over, *limits)
+            _, values = _engine(path, key, provider, [], [], [name]).run(
+                over, attention_mask if iv.over is None else None, dims_known, {}, {})
+            act = values[name].astype(np.float64)
             axes = (0,) if name.endswith(("hook_pattern", "hook_attn_scores")) else (0, 1)
-            out[(name, id(iv))] = act.mean(axis=axes, keepdims=True).astype(cache[name].dtype)
+            out[(name, id(iv))] = act.mean(axis=axes, keepdims=True).astype(values[name].dtype)
     return out
 
 
-def engine_for(model, points: list[str], provider: str = "CPUExecutionProvider"):
+def resolve(model, interventions) -> dict[str, list[Intervention]]:
+    """{point: its interventions} for the points each intervention's name or glob matches."""
+    return _prepare_changes(_facts(model)[2], interventions)
+
+
+def _prepare_changes(names: list[str], interventions) -> dict[str, list[Intervention]]:
+    changes: dict[str, list[Intervention]] = {}
+    for iv in interventions or []:
+        if not isinstance(iv, Intervention):
+            raise BadInputError(f"interventions are made by ablate, patch or add, not {iv!r}")
+        for n in _match(names, iv.point, iv.kind):
+            changes.setdefault(n, []).append(iv)
+    return changes
+
+
+def engine_for(model, points: list[str], provider: str = "CPUExecutionProvider", cache=()):
     """(the compiled engine for `points`, the token ids' limits, the KV-cache head sizes): for loops
-    that feed the cut's inputs themselves (the patching sweeps)."""
+    that feed the cut's inputs themselves (the patching sweeps, generation)."""
     if not isinstance(model, (str, os.PathLike)):
         raise BadInputError(f"model must be a path to an ONNX file, not {type(model).__name__}")
-    path, key, names, limits, dims_known = model_facts(model)
-    missing = [p for p in points if p not in names]
+    path, key, _, placed, limits, dims_known = _facts(model)
+    missing = [p for p in list(points) + list(cache) if p not in placed]
     if missing:
         raise BadInputError(f"{path}: has no hook point {missing[0]}")
-    return _engine(path, key, provider, sorted(points), [], []), limits, dims_known
+    return _engine(path, key, provider, sorted(points), [], list(cache)), limits, dims_known
+
+
+def frozen_model(model, changes: dict, cache: list[str], provider: str, prompt_ids) -> LensModel:
+    """A copy of the model with step-independent interventions as constants and the cache points as
+    outputs, for an engine that takes no inputs of ours (onnxruntime-genai)."""
+    path, key, *_ = _facts(model)
+    for name, ivs in changes.items():
+        if any(iv.rows is not None for iv in ivs):
+            raise BadInputError(f"{name}: onnxruntime-genai runs each sequence on its own, so rows= cannot be given")
+    engine = _engine(path, key, provider, sorted(changes), [], [])  # the points' sizes, measured
+    parts = _parts(engine, changes, np.zeros((1, 1), np.int64), means_for(path, provider, changes, prompt_ids))
+    copy, placement = _fresh(path, key)
+    compile_points(copy, placement, sorted(changes), cache=tuple(cache))
+    freeze(copy, parts)
+    return copy
+
+
+def placed_points(model) -> list[str]:
+    """The points an intervention can be placed at in this model (fused norms split)."""
+    return _facts(model)[3]
+
+
+def parts_for(engine, changes: dict, ids: np.ndarray, means: dict) -> dict[str, np.ndarray]:
+    """The cut's input values for these interventions on ids shaped [batch, pos]."""
+    return _parts(engine, changes, ids, means)
+
+
+def means_for(model, provider: str, changes: dict, ids) -> dict:
+    return _means(model, provider, changes, ids, None)
 
 
 def run_with_hooks(model, input_ids, fwd_hooks=(), points=None, attention_mask=None, interventions=None,

@@ -75,9 +75,9 @@ def activation_patch(model, corrupted_tokens, clean_cache, patching_metric, swee
 
 
 def _points(model, template: str) -> list[str]:
-    from .cache import model_facts
+    from .interventions import placed_points
 
-    _, _, names, _, _ = model_facts(model)
+    names = placed_points(model)
     points = []
     for layer in itertools.count():
         name = template.format(l=layer)
