@@ -32,7 +32,7 @@ from ..store.model import LensModel
 from ..store.runner import Runner
 from ..verify import verify as verify_models
 from .cache import model_feeds
-from .intervene import compile_points
+from .intervene import compile_points, dims_of
 
 STEER_KEY = "lensgraph.steer"
 
@@ -69,15 +69,16 @@ def read_vector(path: str) -> np.ndarray:
 
 def parse_add(text: str) -> tuple[str, np.ndarray, float]:
     """'POINT=FILE' or 'POINT=FILE*COEFF' -> (point, vector, coefficient)."""
-    m = re.fullmatch(r"\s*([^=\s]+)\s*=\s*(.+?)(?:\*\s*([-+0-9.eE]+))?\s*", text)
-    if m is None:
-        raise BadInputError(f"--add {text!r}: write POINT=FILE or POINT=FILE*COEFF, e.g. "
-                            "'blocks.6.hook_resid_post=vec.npy*4.0'")
+    usage = f"--add {text!r}: write POINT=FILE or POINT=FILE*COEFF, e.g. 'blocks.6.hook_resid_post=vec.npy*4.0'"
+    point, eq, rest = text.partition("=")
+    if not eq or not point.strip() or not rest.strip():
+        raise BadInputError(usage)
+    path, star, coeff = rest.rpartition("*") if "*" in rest else (rest, "", "")
     try:
-        coeff = float(m.group(3)) if m.group(3) is not None else 1.0
+        value = float(coeff) if star else 1.0
     except ValueError:
-        raise BadInputError(f"--add {text!r}: {m.group(3)!r} is not a number") from None
-    return m.group(1), read_vector(m.group(2)), coeff
+        raise BadInputError(f"{usage} ({coeff.strip()!r} is not a number)") from None
+    return point.strip(), read_vector(path.strip()), value
 
 
 def read_control_vector(path: str) -> dict[int, np.ndarray]:
@@ -203,6 +204,10 @@ def _build(path: str, total: dict[str, np.ndarray], zero: bool = False) -> tuple
     for point, vector in total.items():
         if point not in placement.points:
             raise BadInputError(f"cannot add at {point}: {placement.unplaced.get(point, 'no such hook point')}")
+        dims, head_axis, pos_axis = dims_of(placement.points[point])
+        if len(dims) != 3 or head_axis is not None:
+            raise BadInputError(f"cannot add at {point}: a steering vector is added at a [batch, pos, d] point "
+                                "(the residual stream, attn_out, mlp_out, an MLP's activation)")
         value = placement.points[point].value
         width = value.shape[-1] if value.shape is not None and len(value.shape) else None
         if isinstance(width, int) and vector.shape[0] != width:
