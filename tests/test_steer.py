@@ -8,6 +8,7 @@ llama.cpp control-vector GGUF. Every bad input exits 2 and writes nothing.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -159,6 +160,9 @@ def test_steer_a_genai_folder_with_a_control_vector(genai, tmp_path, capsys):
     gen = lensgraph.generate(src, np.array([PROMPT]), 10,
                              interventions=[lensgraph.add("blocks.1.hook_resid_post", 2.0 * directions[1])])
     assert gen.engine == "onnxruntime-genai" and gen.tokens[0].tolist() == expected
+    ids = np.array([PROMPT, PROMPT[::-1]])  # and a research run on the folder, in onnxruntime
+    ours = lensgraph.run_with_interventions(src, ids, [lensgraph.add("blocks.1.hook_resid_post", 2.0 * directions[1])])
+    assert relative_error(centred(ours), centred(hf_logits(hf, ids, {1: 2.0 * directions[1]}))) <= 1e-4
     code, stdout, err = cli(capsys, "generate", src, "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "10",
                             "--control-vector-scaled", gguf_file, "2.0")
     assert code == 0, err
@@ -216,3 +220,23 @@ def test_generation_refuses_interventions_that_are_not_the_same_at_every_step(ll
     with pytest.raises(lensgraph.BadInputError, match="every position of every step"):
         lensgraph.generate(cache, np.array([PROMPT]), 3,
                            interventions=[lensgraph.add("blocks.0.hook_resid_post", vector(32, 1), positions=[0])])
+
+
+def test_steer_a_convert_folder_keeps_its_record(genai, tmp_path):
+    src = genai("llama")
+    checkpoint = os.path.join(os.path.dirname(src), "llama-hf")
+    folder = tmp_path / "lens"
+    lensgraph.from_pretrained(checkpoint, folder)
+    v = vector(64, 8, 2.0)
+    out = tmp_path / "steered"
+    report = lensgraph.steer(folder, out, [("blocks.0.hook_resid_post", v, 1.5)])
+    assert report["written"]
+    assert sorted(os.listdir(out)) == sorted(os.listdir(folder))
+    record = json.load(open(out / "lensgraph.json"))
+    assert record["steer"]["added"] == {"blocks.0.hook_resid_post": {"norm": pytest.approx(float(np.linalg.norm(1.5 * v)),
+                                                                                            rel=1e-6)}}
+    assert record["passes"] == json.load(open(folder / "lensgraph.json"))["passes"]  # the convert record kept
+    hf = tf.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    ids = np.array([PROMPT])
+    ours = lensgraph.run_with_cache(str(out / "model.onnx"), ids, points=[])[0]
+    assert relative_error(centred(ours), centred(hf_logits(hf, ids, {0: 1.5 * v}))) <= 1e-4

@@ -25,6 +25,7 @@ import onnx_ir as ir
 from ..errors import BadInputError
 from ..graph.hookpoints import place
 from ..graph.unfuse import unfuse_skip_norms
+from ..store.folder import model_in
 from ..store.model import LensModel
 from ..store.runner import Runner, cache_dims
 from .activation_cache import ActivationCache
@@ -258,7 +259,9 @@ def _fresh(path: str, key: tuple) -> tuple[LensModel, object]:
 
 def _facts(model):
     """(path, file key, every point's name, the placed points, id limits, KV-cache head sizes)."""
-    path, key = file_key(model)
+    if not isinstance(model, (str, os.PathLike)):
+        raise BadInputError(f"model must be a path to an ONNX file or a model folder, not {type(model).__name__}")
+    path, key = file_key(model_in(os.fspath(model))[0])
     base, placement = _base(path, key)
     if path not in _CACHE_DIMS or _CACHE_DIMS[path][0] != key:
         _CACHE_DIMS[path] = (key, cache_dims(path))

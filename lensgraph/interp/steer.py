@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import BadInputError, VerificationError
 from ..graph.hookpoints import place
 from ..graph.unfuse import unfuse_skip_norms
-from ..store.folder import CONFIG, RECORD, StagedFolder, model_file
+from ..store.folder import RECORD, StagedFolder, model_in
 from ..store.model import LensModel
 from ..store.runner import Runner
 from ..verify import verify as verify_models
@@ -131,28 +131,13 @@ def control_vector_additions(files: list[tuple[str, float]], layer_range=None) -
 
 
 # -- the source, whatever its kind -----------------------------------------------------------------
-def source_model(source: str) -> tuple[str, bool]:
-    """(the model file, whether SOURCE is a folder): a model file, an onnxruntime-genai folder, or
-    the folder `convert` writes."""
-    if os.path.isdir(source):
-        if os.path.isfile(os.path.join(source, CONFIG)):
-            return model_file(source), True
-        if os.path.isfile(os.path.join(source, "model.onnx")):
-            return os.path.join(source, "model.onnx"), True
-        raise BadInputError(f"{source}: is a folder with neither {CONFIG} nor model.onnx; give a model file, an "
-                            "onnxruntime-genai folder or a folder lensgraph convert wrote")
-    if not os.path.isfile(source):
-        raise BadInputError(f"{source}: no such file or folder")
-    return source, False
-
-
 def steer(source, output, additions: dict | list = (), control_vectors=(), layer_range=None, verify: bool = True,
           provider: str = "CPUExecutionProvider") -> dict:
     """Write SOURCE with the vectors added at their points to OUTPUT (a file for a file, a folder for a
     folder), checked first; returns the report. `additions`: {point: vector} or [(point, vector,
     coeff)]; `control_vectors`: [(gguf file, scale)]."""
     source, output = os.fspath(source), os.fspath(output)
-    path, folder = source_model(source)
+    path, folder = model_in(source)
     total = _total(additions, control_vectors, layer_range)
     if not total:
         raise BadInputError("nothing to add: give --add POINT=FILE[*COEFF] or a control vector")
