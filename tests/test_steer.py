@@ -137,6 +137,9 @@ def test_steer_a_kv_cache_export_generates_what_huggingface_does(llama, tmp_path
     expected = hf_greedy(hf, PROMPT, 8, {0: v})
     assert gen.tokens[0].tolist() == expected
     assert expected != hf_greedy(hf, PROMPT, 8, {})  # the vector changes what is generated
+    ids = np.array([PROMPT, PROMPT[::-1]])  # the KV-cache graph's first step under the same intervention
+    first = lensgraph.run_with_interventions(cache, ids, [lensgraph.add("blocks.0.hook_resid_post", v)])
+    assert relative_error(centred(first), centred(hf_logits(hf, ids, {0: v}))) <= 1e-4
     # the same through generate(interventions=) on the unsteered graph
     live = lensgraph.generate(cache, np.array([PROMPT]), 8, interventions=[lensgraph.add("blocks.0.hook_resid_post", v)])
     assert live.tokens[0].tolist() == expected
@@ -162,7 +165,10 @@ def test_steer_a_genai_folder_with_a_control_vector(genai, tmp_path, capsys):
     assert gen.engine == "onnxruntime-genai" and gen.tokens[0].tolist() == expected
     ids = np.array([PROMPT, PROMPT[::-1]])  # and a research run on the folder, in onnxruntime
     ours = lensgraph.run_with_interventions(src, ids, [lensgraph.add("blocks.1.hook_resid_post", 2.0 * directions[1])])
-    assert relative_error(centred(ours), centred(hf_logits(hf, ids, {1: 2.0 * directions[1]}))) <= 1e-4
+    oracle = hf_logits(hf, ids, {1: 2.0 * directions[1]})
+    assert relative_error(centred(ours), centred(oracle)) <= 1e-4
+    by_hook = lensgraph.run_with_hooks(src, ids, [("blocks.1.hook_resid_post", lambda x, hook: x + 2.0 * directions[1])])
+    assert relative_error(centred(by_hook), centred(oracle)) <= 1e-4
     code, stdout, err = cli(capsys, "generate", src, "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "10",
                             "--control-vector-scaled", gguf_file, "2.0")
     assert code == 0, err
