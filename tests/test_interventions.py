@@ -190,6 +190,20 @@ def test_neutral_interventions_keep_every_bit_and_the_cache_shows_the_change(fam
         assert np.allclose(changed[name], cache[name] + VECTOR, atol=1e-6)
 
 
+def test_a_hook_functions_cache_shows_the_changed_model(family_exports):
+    """Points before the hook come from the first piece, those after it from the second."""
+    path = family_exports("gpt2", "dynamo")
+    names = ["hook_embed", RESID, "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
+    _, plain = run_with_cache(path, IDS, points=names)
+    logits, changed = run_with_hooks(path, IDS, [(RESID, lambda x, hook: x + VECTOR)], points=names)
+    _, declared = run_with_interventions(path, IDS, [add(RESID, VECTOR)], points=names)
+    assert np.array_equal(changed["hook_embed"], plain["hook_embed"])
+    for name in (RESID, "blocks.1.hook_resid_pre"):
+        assert np.allclose(changed[name], plain[name] + VECTOR, atol=1e-6)
+    assert relative_error(changed["blocks.1.hook_resid_post"], declared["blocks.1.hook_resid_post"]) <= 1e-6
+    assert relative_error(changed["blocks.1.hook_resid_post"], plain["blocks.1.hook_resid_post"]) > 1e-3
+
+
 # -- bad input: a clear error naming the point, nothing run -------------------------------------
 @pytest.mark.parametrize("call, message", [
     (lambda p: run_with_hooks(p, IDS, [("blocks.9.hook_z", lambda x, hook: x)]), "no hook point matches 'blocks.9"),

@@ -357,6 +357,8 @@ def segments(proto: onnx.ModelProto, hooked: list[Site]) -> list[Piece]:
             latest[out] = max(level, changed.get(out, -1))
     seen = {s.seen for s in hooked}
     finals = [o.name for o in g.output if o.name not in seen]
+    if not hooked:  # one piece: the model itself (no copy of its weights)
+        return [Piece(proto, finals)]
     pieces = []
     for i in range(len(hooked) + 1):
         outputs = ([hooked[i].seen] if i < len(hooked) else []) + [o for o in finals if latest.get(o, -1) + 1 == i]
