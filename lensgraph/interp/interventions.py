@@ -9,7 +9,7 @@ its name, and returns the replacement (or None to keep it, changed in place or n
 Declarative interventions (`ablate`, `patch`, `add`) are arrays fed to the inputs the cut
 compiled at their points (interp/intervene.py), so a loop that changes them reuses one session,
 and `rows=` gives different rows of one batch different interventions. Sessions are kept per
-file, provider and choice of points.
+file, provider and choice of points (the MAX_ENGINES most recently used choices).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,8 @@ from .hooks import remove_hooks, select
 from .intervene import Site, compile_points, freeze, input_name, piece, rebind, segments
 
 _BASES: dict[str, tuple] = {}  # path -> (file key, the model without hooks, its placement)
-_ENGINES: dict[tuple, "_Engine"] = {}
+_ENGINES: OrderedDict[tuple, "_Engine"] = OrderedDict()  # most recently used last
+MAX_ENGINES = 8  # each holds sessions over the model's weights: older ones are dropped
 _CACHE_DIMS: dict[str, tuple] = {}  # path -> (file key, KV-cache head sizes)
 _DIMS: dict[tuple, tuple] = {}  # (file key, point) -> its measured shape
 
@@ -315,10 +317,14 @@ def _fn_name(fn) -> str:
 
 def _engine(path: str, key: tuple, provider: str, sites: list[str], hooked: list[str], cache: list[str]) -> _Engine:
     ekey = key + (provider, tuple(sites), tuple(hooked), tuple(cache))
-    if ekey not in _ENGINES:
-        for old in [k for k in _ENGINES if k[0] == path and k[:len(key)] != key]:
-            del _ENGINES[old]  # the file changed since
-        _ENGINES[ekey] = _Engine(path, key, provider, tuple(sites), tuple(hooked), tuple(cache))
+    if ekey in _ENGINES:
+        _ENGINES.move_to_end(ekey)
+        return _ENGINES[ekey]
+    for old in [k for k in _ENGINES if k[0] == path and k[:len(key)] != key]:
+        del _ENGINES[old]  # the file changed since
+    while len(_ENGINES) >= MAX_ENGINES:
+        _ENGINES.popitem(last=False)
+    _ENGINES[ekey] = _Engine(path, key, provider, tuple(sites), tuple(hooked), tuple(cache))
     return _ENGINES[ekey]
 
 
