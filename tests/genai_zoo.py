@@ -3,6 +3,7 @@ builder (the `genai` fixture in conftest.py builds each once per session)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers as tf
 
@@ -47,3 +48,17 @@ def build(root, family: str, precision: str = "fp32") -> str:
     args = ("", str(ckpt), str(out), precision, "cpu", str(root / "cache"))
     create_model(*args, **parse_extra_options(*args, []))  # the builder's own two steps
     return str(out)
+
+
+def greedy(folder: str, prompt: list[int], n: int) -> list[int]:
+    """onnxruntime-genai's own Generator, greedy, `n` new tokens: the prompt and the new tokens."""
+    import onnxruntime_genai as og
+
+    model = og.Model(folder)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + n, min_length=len(prompt) + n)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)]

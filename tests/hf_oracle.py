@@ -199,6 +199,16 @@ def _value_bias(hf, layer, n_heads: int, d_head: int) -> np.ndarray:
     return np.repeat(kv, n_heads // kv.shape[0], axis=0)
 
 
+def logits_under(hf, ids, handles) -> np.ndarray:
+    """HF's logits (float64) with these torch hooks registered; they are removed after."""
+    try:
+        with torch.no_grad():
+            return hf(torch.tensor(ids)).logits.double().numpy()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def relative_error(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:

@@ -22,19 +22,13 @@ from lensgraph.store.weights import LinearWeights
 
 import onnxruntime_genai as og  # the genai extra, part of the test extra
 from genai_zoo import CONFIGS
+from genai_zoo import greedy as genai_greedy
 
 PROMPT = [3, 5, 7, 9]
 
 
 def greedy(folder: str, n: int = 30) -> list[int]:
-    model = og.Model(folder)
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(PROMPT) + n, min_length=len(PROMPT) + n)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([PROMPT], np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    return [int(t) for t in gen.get_sequence(0)]
+    return genai_greedy(folder, PROMPT, n)
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))

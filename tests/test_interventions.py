@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_oracle import _get, _value_bias, family_of, relative_error
+from hf_oracle import _get, _value_bias, family_of, logits_under, relative_error
 from lensgraph import ablate, add, patch, run_with_cache, run_with_hooks, run_with_interventions
 from lensgraph.errors import BadInputError
 from lensgraph.verify import centred
@@ -92,12 +92,7 @@ def hf_logits(hf, ids, change: str, processed: bool) -> np.ndarray:
             v = torch.tensor(VECTOR)
             return (output[0] + v,) + tuple(output[1:]) if isinstance(output, tuple) else output + v
         handles.append(layers[0].register_forward_hook(vector_hook))
-    try:
-        with torch.no_grad():
-            return hf(torch.tensor(ids)).logits.double().numpy()
-    finally:
-        for h in handles:
-            h.remove()
+    return logits_under(hf, ids, handles)
 
 
 # -- the same changes as hook functions (numpy here, torch in TransformerLens) ---------------------

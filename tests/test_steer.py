@@ -18,7 +18,8 @@ import transformers as tf
 
 import lensgraph
 from files import cli, one_error_line, snapshot
-from hf_oracle import relative_error
+from genai_zoo import greedy
+from hf_oracle import logits_under, relative_error
 from lensgraph.export import export_model
 from lensgraph.interp.steer import steering_vector
 from lensgraph.verify import centred
@@ -40,13 +41,7 @@ def hf_with_vectors(hf, vectors: dict[int, np.ndarray]):
 
 
 def hf_logits(hf, ids, vectors) -> np.ndarray:
-    handles = hf_with_vectors(hf, vectors)
-    try:
-        with torch.no_grad():
-            return hf(torch.tensor(ids)).logits.double().numpy()
-    finally:
-        for h in handles:
-            h.remove()
+    return logits_under(hf, ids, hf_with_vectors(hf, vectors))
 
 
 def hf_greedy(hf, prompt, n, vectors) -> list[int]:
@@ -62,16 +57,7 @@ def hf_greedy(hf, prompt, n, vectors) -> list[int]:
 
 
 def genai_greedy(folder: str, n: int) -> list[int]:
-    import onnxruntime_genai as og
-
-    model = og.Model(folder)
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(PROMPT) + n, min_length=len(PROMPT) + n)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([PROMPT], np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    return [int(t) for t in gen.get_sequence(0)]
+    return greedy(folder, PROMPT, n)
 
 
 def write_control_vector(path, directions: dict[int, np.ndarray], arch: str = "controlvector") -> str:

@@ -137,6 +137,8 @@ def _summarise(names: list[str]) -> str:
 class _Builder:
     """Appends hook nodes; shared helpers (the ids' shape) are made once."""
 
+    prefix = "lensgraph.hooks"  # names the shared helpers
+
     def __init__(self, model: LensModel, placement: Placement, copies: bool = True):
         self.model = model
         self.copies = copies
@@ -186,8 +188,8 @@ class _Builder:
 
     def ids_shape(self) -> ir.Value:
         if self._ids_shape is None:
-            self._ids_shape = self._node("lensgraph.hooks", "Shape", [self._ids()], "[batch, pos] of the token ids",
-                                         out_name="lensgraph.hooks/batch_pos")
+            self._ids_shape = self._node(self.prefix, "Shape", [self._ids()], "[batch, pos] of the token ids",
+                                         out_name=f"{self.prefix}/batch_pos")
         return self._ids_shape
 
     def _dtype_const(self, value: ir.Value, x: float) -> np.ndarray:

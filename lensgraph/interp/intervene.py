@@ -139,6 +139,8 @@ class _Cut(_Builder):
     cache reads, which then read the changed values (no private copies of stream sums, which
     would read around a change)."""
 
+    prefix = "lensgraph.intervene"
+
     @staticmethod
     def _tag(node: ir.Node, point: str, doc: str) -> None:
         node.metadata_props[INTERVENE_KEY] = point
@@ -146,12 +148,6 @@ class _Cut(_Builder):
 
     def private_copy(self, point: str, value: ir.Value) -> ir.Value:
         return value
-
-    def ids_shape(self) -> ir.Value:
-        if self._ids_shape is None:
-            self._ids_shape = self._node("lensgraph.intervene", "Shape", [self._ids()], "[batch, pos] of the token ids",
-                                         out_name="lensgraph.intervene/batch_pos")
-        return self._ids_shape
 
     def _node(self, point: str, op: str, inputs, doc: str, out_name: str | None = None, **attrs) -> ir.Value:
         return super()._node(point, op, inputs, doc, out_name or f"{point}:cut/{op}_{self._count + 1}", **attrs)
