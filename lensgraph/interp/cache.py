@@ -64,11 +64,11 @@ def _points(path: str, key: tuple) -> list[str]:
         model = LensModel.load(path)
         remove_hooks(model)
         placement = place(model.graph, model=model)
-        _FILES[path] = (key, list(placement.points), _limits(placement.anatomy), cache_dims(path))
+        _FILES[path] = (key, list(placement.points), model_limits(placement.anatomy), cache_dims(path))
     return _FILES[path][1]
 
 
-def _limits(anatomy) -> tuple[int | None, int | None]:
+def model_limits(anatomy) -> tuple[int | None, int | None]:
     """(vocabulary size, learned positions): the token ids and sequence lengths the model can take."""
     vocab = anatomy.unembed.d_out if anatomy.unembed is not None else None
     table = next((w for w in anatomy.writers if w.role == "pos_embed" and w.node is not None), None)
@@ -104,7 +104,7 @@ def run_with_cache(model, input_ids, attention_mask=None, points=None, provider:
         outputs = [o.name for o in sess.get_outputs()]
     logits = "logits" if "logits" in outputs else outputs[0]
     fetch = [logits] + [n for n in dict.fromkeys(held.values()) if n != logits]
-    feeds = _feeds(sess, token_ids(input_ids, *limits), attention_mask, dims_known)
+    feeds = model_feeds(sess, token_ids(input_ids, *limits), attention_mask, dims_known)
     values = dict(zip(fetch, _run(sess, fetch, feeds)))
     return values[logits], ActivationCache({point: values[out] for point, out in held.items()}, path)
 
@@ -141,7 +141,9 @@ def token_ids(input_ids, vocab: int | None, positions: int | None) -> np.ndarray
     return ids
 
 
-def _feeds(sess, ids: np.ndarray, attention_mask, dims_known: dict) -> dict:
+def model_feeds(sess, ids: np.ndarray, attention_mask, dims_known: dict) -> dict:
+    """The session's inputs for token ids: a mask of ones unless given, positions 0..pos-1, an empty
+    past for a KV-cache graph."""
     feeds = {}
     for inp in sess.get_inputs():
         dtype = np.int32 if inp.type == "tensor(int32)" else np.int64
