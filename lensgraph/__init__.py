@@ -20,10 +20,11 @@ _WHERE = {
     "DEFAULT_PIPELINE": ".passes", "Pass": ".pipeline", "PassManager": ".pipeline", "PassResult": ".pipeline",
     "process": ".process", "LensModel": ".store.model", "verify": ".verify",
     "from_pretrained": ".convert", "from_pretrained_no_processing": ".convert",
+    "collect": ".interp.collect", "load_activations": ".interp.shards",
 }
 
 __all__ = [
-    "ActivationCache", "BadInputError", "DEFAULT_PIPELINE", "Generation", "LensError", "LensModel", "Pass", "PassManager",
+    "ActivationCache", "BadInputError", "DEFAULT_PIPELINE", "collect", "load_activations", "Generation", "LensError", "LensModel", "Pass", "PassManager",
     "PassResult", "TLWeights", "VerificationError", "__version__", "add_hooks", "from_pretrained",
     "from_pretrained_no_processing", "generate", "process", "run_with_cache", "tl_weights", "to_str_tokens", "verify",
 ]

@@ -141,6 +141,7 @@ class Step:
             if value.name not in keep:
                 lens.graph.outputs.remove(value)
         RemoveUnusedNodesPass()(lens.ir)  # what feeds no kept output is never run
+        self.nodes = len(list(lens.graph))
         runner = Runner(lens, provider, label=model_path, threads=threads)
         self.session, self.dims, self.dtype, self.label = runner.session, runner.cache_dims, np.dtype(dtype), model_path
 
@@ -155,7 +156,8 @@ class Step:
     def _cast(self, point: str, x: np.ndarray) -> np.ndarray:
         if x.dtype == self.dtype:
             return x
-        y = x.astype(self.dtype)
+        with np.errstate(over="ignore"):  # found and refused below
+            y = x.astype(self.dtype)
         if self.dtype == np.float16:
             lost = np.isinf(y) & np.isfinite(x)
             if lost.any():
@@ -297,10 +299,9 @@ def open_folder(job: Job, engine: str) -> dict[int, int]:
     os.makedirs(job.folder, exist_ok=True)
     shards.remove_leftovers(job.folder)
     done = shards.complete(job.folder)
-    feats = job.features()
-    shards.write_info(job.folder, feats)
-    shards.write_state(job.folder, done, job.model["path"])
     shards.write_json(os.path.join(job.folder, shards.MANIFEST), job.manifest(done, engine, finished=False))
+    shards.write_info(job.folder, job.features())
+    shards.write_state(job.folder, done, job.model["path"])
     return done
 
 

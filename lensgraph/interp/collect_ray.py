@@ -16,6 +16,8 @@ must be at a path every node of the cluster sees (a shared file system).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 
 import numpy as np
 
@@ -81,7 +83,8 @@ class _ShardWorker:
             windows = np.frombuffer(raw, np.int32).reshape(int(n), plan["context"])
             arrays = run_step([self.step], windows, plan["batch"], plan["shapes"], plan["dtype"])
             shards.write_shard(plan["folder"], int(k), arrays, windows, int(k) * plan["per_shard"], self.features)
-        return {"shard": batch["shard"], "windows": batch["windows"]}
+        return {"shard": batch["shard"], "windows": batch["windows"],
+                "worker": np.array([f"{socket.gethostname()}:{os.getpid()}"] * len(batch["shard"]))}
 
 
 def _documents(job: Job):
@@ -92,7 +95,8 @@ def _documents(job: Job):
 
     ds = job.dataset
     if isinstance(ds, datasets.Dataset):
-        return ray.data.from_arrow(ds.with_format("arrow")[:]), len(ds)
+        blocks = max(1, min(len(ds) // 256, 1000))  # blocks of a few hundred documents: the stream flows
+        return ray.data.from_arrow(ds.with_format("arrow")[:], override_num_blocks=blocks), len(ds)
     docs = ray.data.from_huggingface(ds)
     return docs, docs.count()
 
@@ -140,11 +144,12 @@ def _run(job: Job, workers: int | None, provider: str) -> dict:
                .map_batches(_Cutter, fn_constructor_kwargs={
                    "context": job.context, "bos": spec.bos, "eos": spec.eos, "per_shard": job.windows_per_shard,
                    "max_windows": job.max_windows, "done": sorted(done), "documents": count},
-                   batch_format="numpy", concurrency=1, num_cpus=0)
+                   batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
                .map_batches(_ShardWorker, fn_constructor_kwargs={"plan": plan, "threads": threads,
                                                                  "provider": provider},
-                            batch_size=1, batch_format="numpy", concurrency=workers, num_cpus=threads))
-    written = dict(done)
+                            batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+                            num_cpus=threads))
+    written, seen = dict(done), set()
     planned = job.shards_planned
     bar_total = None if job.max_windows is None else job.max_windows * job.context
     with progress.bar(bar_total, "collect (ray)", unit="tok") as bar:
@@ -152,10 +157,12 @@ def _run(job: Job, workers: int | None, provider: str) -> dict:
         if planned is None or len(written) < planned:
             for row in results.iter_rows():
                 written[int(row["shard"])] = int(row["windows"])
+                seen.add(str(row["worker"]))
                 shards.write_state(job.folder, written, job.model["path"])
                 bar.update(int(row["windows"]) * job.context)
                 if planned is not None and len(written) >= planned:
                     break  # every shard asked for is written: the rest of the corpus is not needed
     if planned is not None and len(written) > planned:
         raise LensError(f"{job.folder}: {len(written)} shards, more than the {planned} planned (a bug)")
+    job.notes.append(f"ray: {workers} workers of {threads} threads; {len(seen)} wrote shards in this run")
     return finish(job, "ray", exhausted=planned is None or len(written) < planned)

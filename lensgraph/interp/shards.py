@@ -116,10 +116,14 @@ def complete(folder: str) -> dict[int, int]:
     return dict(sorted(found.items()))
 
 
+def _leftover(name: str) -> bool:
+    """A hidden file a killed run was writing (a shard, state.json, ...): never complete."""
+    return name.startswith((".data-", f".{STATE}.", f".{INFO}.", f".{MANIFEST}.")) and name.endswith(".tmp")
+
+
 def remove_leftovers(folder: str) -> None:
-    """Hidden shards a killed run was writing: never complete, so never kept."""
     for name in os.listdir(folder):
-        if name.startswith(".data-") and name.endswith(".tmp"):
+        if _leftover(name):
             _unlink(os.path.join(folder, name))
 
 
@@ -171,7 +175,7 @@ def read_manifest(folder: str) -> dict | None:
         raise BadInputError(f"{folder}: exists and is not a folder; give a folder for the activations")
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
-        if os.listdir(folder):
+        if [n for n in os.listdir(folder) if not _leftover(n)]:  # a run killed before its manifest: a new folder
             raise BadInputError(f"{folder}: holds other files and no {MANIFEST}; give an empty or new folder")
         return None
     try:
@@ -185,11 +189,9 @@ def read_manifest(folder: str) -> dict | None:
 
 
 def load_activations(folder, points=None, batch_size: int = 64):
-    """The activations `collect` wrote, streamed back as dicts of numpy arrays: one key per point
-    ([batch, context, d]), `tokens` ([batch, context] int32) and `window` (each row's window index)."""
-    from .corpus import _datasets
-
-    datasets = _datasets()
+    """The activations `collect` wrote, streamed back shard by shard in the run's order as dicts of
+    numpy arrays in their stored dtype: one key per point ([rows, context, d]), `tokens` ([rows,
+    context] int32) and `window` (each row's window index); at most `batch_size` rows a dict."""
     folder = os.fspath(folder)
     manifest = read_manifest(folder)
     if manifest is None:
@@ -198,15 +200,26 @@ def load_activations(folder, points=None, batch_size: int = 64):
     unknown = [p for p in wanted if p not in manifest["points"]]
     if unknown:
         raise BadInputError(f"{folder}: holds no {', '.join(unknown)} (points: {', '.join(manifest['points'])})")
-    if not complete(folder):
-        return iter(())
-    ds = datasets.load_from_disk(folder).select_columns(wanted + [TOKENS, WINDOW]).with_format("numpy")
-    return _batches(ds, wanted, batch_size)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise BadInputError(f"batch_size must be a positive whole number, got {batch_size!r}")
+    return _batches(folder, sorted(complete(folder)), wanted, manifest["context"], batch_size)
 
 
-def _batches(ds, wanted: list[str], batch_size: int):
-    for batch in ds.iter(batch_size=batch_size):
-        out = {p: batch[p] for p in wanted}
-        out["tokens"] = batch[TOKENS].astype(np.int32)
-        out[WINDOW] = batch[WINDOW]
-        yield out
+def _batches(folder: str, order: list[int], wanted: list[str], context: int, batch_size: int):
+    import pyarrow as pa
+
+    for k in order:
+        with pa.memory_map(os.path.join(folder, shard_name(k))) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        columns = {p: _values(table.column(p), context) for p in wanted}
+        columns["tokens"] = table.column(TOKENS).combine_chunks().flatten().to_numpy().reshape(-1, context)
+        columns[WINDOW] = table.column(WINDOW).to_numpy()
+        for start in range(0, table.num_rows, batch_size):
+            yield {key: value[start:start + batch_size] for key, value in columns.items()}
+
+
+def _values(column, context: int) -> np.ndarray:
+    """An Array2D column as [rows, context, d], over the file's memory."""
+    storage = column.combine_chunks().storage
+    flat = storage.flatten().flatten().to_numpy()
+    return flat.reshape(len(storage), context, -1)
