@@ -339,7 +339,8 @@ def collect(model, data, points, out, context: int = 128, tokens: int | None = N
         check_ray()
     job, step = prepare(model, data, points, out, context, tokens, batch, dtype, shard_mb, column, seed,
                         tokenizer, split, provider)
-    if job.previous is not None and job.previous["state"]["complete"]:
+    if job.previous is not None and job.previous["state"]["complete"] \
+            and len(shards.complete(job.folder)) == job.previous["state"]["shards"]:
         return job.previous  # this very run is done: nothing to do
     if engine == "ray":
         from .collect_ray import run_ray
