@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ class Job:
     windows_per_shard: int
     batch: int
     notes: list[str] = field(default_factory=list)
+    clock: list[tuple[float, int]] = field(default_factory=list, repr=False)  # (time, tokens) at each shard
     dataset: object = field(default=None, repr=False)  # the opened corpus
     previous: dict | None = field(default=None, repr=False)  # the manifest of the run being resumed
 
@@ -70,13 +72,22 @@ class Job:
 
     def manifest(self, done: dict[int, int], engine: str, finished: bool) -> dict:
         windows = sum(done.values())
+        timing = {}
+        if len(self.clock) > 1:  # this run's pace from its first shard on (start-up left out)
+            (t0, n0), (t1, n1) = self.clock[0], self.clock[-1]
+            timing = {"seconds": round(t1 - t0, 3), "tokens_per_s": round((n1 - n0) / max(t1 - t0, 1e-9), 1)}
         return {"format": shards.FORMAT, "lensgraph": __version__, **self.identity(),
                 "columns": {"token_ids": "the window's token ids [context] int32",
                             "window": "the window's index in the run: its tokens are the run's tokens "
                                       "window*context .. window*context + context - 1"},
                 "state": {"complete": finished, "shards": len(done), "windows": windows,
-                          "tokens": windows * self.context, "engine": engine},
+                          "tokens": windows * self.context, "engine": engine, **timing},
                 "notes": self.notes}
+
+    def tick(self, windows: int) -> None:
+        """A shard is done: note the time and the tokens so far, for the manifest's pace."""
+        done = (self.clock[-1][1] if self.clock else 0) + windows * self.context
+        self.clock.append((time.perf_counter(), done))
 
     def features(self):
         return shards.features(self.shapes, self.context, self.dtype)
@@ -374,6 +385,7 @@ def run_local(job: Job, step: Step, workers: int = 1, provider: str = "CPUExecut
         shards.write_shard(job.folder, k, arrays, windows, k * job.windows_per_shard, feats)
         written[k] = len(windows)
         shards.write_state(job.folder, written, job.model["path"])
+        job.tick(len(windows))
 
     total = None if job.max_windows is None else job.max_windows * job.context
     with progress.bar(total, "collect", unit="tok") as bar, ThreadPoolExecutor(1) as writer, \

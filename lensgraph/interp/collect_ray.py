@@ -159,6 +159,7 @@ def _run(job: Job, workers: int | None, provider: str) -> dict:
                 written[int(row["shard"])] = int(row["windows"])
                 seen.add(str(row["worker"]))
                 shards.write_state(job.folder, written, job.model["path"])
+                job.tick(int(row["windows"]))
                 bar.update(int(row["windows"]) * job.context)
                 if planned is not None and len(written) >= planned:
                     break  # every shard asked for is written: the rest of the corpus is not needed
