@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
-        print("lensgraph: interrupted; nothing was written", file=sys.stderr)
+        if args.func is _collect:
+            print("lensgraph: interrupted; the complete shards are kept: rerun the same command to continue",
+                  file=sys.stderr)
+        else:
+            print("lensgraph: interrupted; nothing was written", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug: say so plainly
         if args.debug:

@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     import transformers as tf
 
     import lensgraph
-    from lensgraph.interp.collect import prepare
+    from lensgraph.interp.collect_job import prepare
 
     torch.set_num_threads(args.threads)
     work = tempfile.mkdtemp(prefix="bench-collect-")
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
     point = args.point if args.size == "smollm2" else "blocks.1.hook_resid_post"
     common = dict(context=args.context, tokens=args.tokens, batch=args.batch, shard_mb=args.shard_mb)
     job, _ = prepare(folder, text, [point], os.path.join(work, "probe"), **common)
-    from lensgraph.interp.collect import ShardCutter
+    from lensgraph.interp.collect_job import ShardCutter
     from lensgraph.interp.corpus import documents, encode
 
     cutter = ShardCutter(job.context, job.tokenizer.bos, job.tokenizer.eos, 10**9, job.max_windows)
@@ -201,13 +201,13 @@ def main(argv=None) -> dict:
 def memory(folder: str, text: str, point: str, args, work: str) -> dict:
     """Peak RSS of whole `collect` runs (--tokens and 4x that) against a process that builds the
     session and runs one batch with the same libraries imported, in fresh processes."""
-    from lensgraph.interp.collect import prepare
+    from lensgraph.interp.collect_job import prepare
 
     job, _ = prepare(folder, text, [point], os.path.join(work, "probe2"), context=args.context, tokens=args.tokens,
                      batch=args.batch, shard_mb=args.shard_mb)
     shard = job.windows_per_shard * args.context * int(np.prod(job.shapes[point])) * 4 / 2**20
     session_only = benchlib.measure(benchlib.timed(
-        "import numpy as np, datasets, pyarrow, tokenizers\nfrom lensgraph.interp.collect import Step\n#--\n"
+        "import numpy as np, datasets, pyarrow, tokenizers\nfrom lensgraph.interp.collect_job import Step\n#--\n"
         f"s = Step({job.model['path']!r}, [{point!r}], 'float32')\n"
         f"s(np.zeros(({args.batch}, {args.context}), np.int64))\n"))
     bound = session_only["peak_rss_mib"] + 2 * shard

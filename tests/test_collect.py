@@ -23,7 +23,8 @@ from hf_oracle import hf_points, relative_error
 from lensgraph.cli import main
 from lensgraph.errors import BadInputError, LensError
 from lensgraph.interp import shards
-from lensgraph.interp.collect import Step, collect
+from lensgraph.interp.collect import collect
+from lensgraph.interp.collect_job import Step
 from lensgraph.interp.corpus import Packer
 
 POINTS = ["blocks.*.hook_resid_post", "blocks.0.attn.hook_z", "blocks.1.mlp.hook_post"]

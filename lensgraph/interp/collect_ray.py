@@ -24,7 +24,7 @@ import numpy as np
 from .. import progress
 from ..errors import LensError, lens_cause, missing_extra
 from . import shards
-from .collect import Job, ShardCutter, Step, finish, open_folder, run_step
+from .collect_job import Job, ShardCutter, Step, finish, open_folder, run_step
 from .corpus import TokenizerSpec, encode
 
 
