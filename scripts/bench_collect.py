@@ -170,15 +170,18 @@ def main(argv=None) -> dict:
     print(f"# bench_collect: {args.size} ({folder}), {point}, {tokens} tokens ({len(windows)} windows of "
           f"{args.context}) from {n_docs} standard-library docstrings, batch {args.batch}, {args.threads} threads, "
           f"{args.rounds} interleaved rounds, {benchlib.now()}")
+    sys.stdout.flush()
     for run in variants.values():  # warm-up: sessions, Ray's actors start, TL's first call
         run()
     paces.clear()
     rates = {name: [] for name in variants}
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
         for name, run in variants.items():
             start = time.perf_counter()
             run()
             rates[name].append(tokens / (time.perf_counter() - start))
+            pace = f", {paces[name][-1]:.0f} from the first shard on" if name in paces else ""
+            print(f"    round {r + 1}: {name}: {rates[name][-1]:.0f} tokens/s{pace}", flush=True)
     medians = {name: statistics.median(r) for name, r in rates.items()}
     base = medians.get("TransformerLens 4.3 run_with_cache loop (baseline)")
     for name, rate in medians.items():
