@@ -38,7 +38,7 @@ def session(model: str | os.PathLike, provider: str = "CPUExecutionProvider", po
 def _session(model, provider: str, points, copies: bool) -> tuple:
     """(session, {point: graph output}); without `copies`, a point that is a tensor of the graph
     is fetched as that tensor (see hooks.add_hooks)."""
-    path, key = _file_key(model)
+    path, key = file_key(model)
     names = select(_points(path, key), points)
     skey = key + (provider, tuple(names), copies)
     if skey not in _SESSIONS:
@@ -48,7 +48,8 @@ def _session(model, provider: str, points, copies: bool) -> tuple:
     return _SESSIONS[skey]
 
 
-def _file_key(model) -> tuple[str, tuple]:
+def file_key(model) -> tuple[str, tuple]:
+    """(absolute path, a key that changes when the file does)."""
     if not isinstance(model, (str, os.PathLike)):
         raise BadInputError(f"model must be a file path or an onnxruntime InferenceSession, not {type(model).__name__}")
     path = os.path.abspath(os.fspath(model))
@@ -64,11 +65,11 @@ def _points(path: str, key: tuple) -> list[str]:
         model = LensModel.load(path)
         remove_hooks(model)
         placement = place(model.graph, model=model)
-        _FILES[path] = (key, list(placement.points), model_limits(placement.anatomy), cache_dims(path))
+        _FILES[path] = (key, list(placement.points), id_limits(placement.anatomy), cache_dims(path))
     return _FILES[path][1]
 
 
-def model_limits(anatomy) -> tuple[int | None, int | None]:
+def id_limits(anatomy) -> tuple[int | None, int | None]:
     """(vocabulary size, learned positions): the token ids and sequence lengths the model can take."""
     vocab = anatomy.unembed.d_out if anatomy.unembed is not None else None
     table = next((w for w in anatomy.writers if w.role == "pos_embed" and w.node is not None), None)
@@ -99,12 +100,12 @@ def run_with_cache(model, input_ids, attention_mask=None, points=None, provider:
         held = {n: n for n in select([n for n in outputs if is_point(n)], points)}
     else:
         sess, held = _session(model, provider, points, copies=False)
-        path = _file_key(model)[0]
+        path = file_key(model)[0]
         _, _, limits, dims_known = _FILES[path]
         outputs = [o.name for o in sess.get_outputs()]
     logits = "logits" if "logits" in outputs else outputs[0]
     fetch = [logits] + [n for n in dict.fromkeys(held.values()) if n != logits]
-    feeds = model_feeds(sess, token_ids(input_ids, *limits), attention_mask, dims_known)
+    feeds = model_feeds(sess.get_inputs(), token_ids(input_ids, *limits), attention_mask, dims_known)
     values = dict(zip(fetch, _run(sess, fetch, feeds)))
     return values[logits], ActivationCache({point: values[out] for point, out in held.items()}, path)
 
@@ -141,11 +142,10 @@ def token_ids(input_ids, vocab: int | None, positions: int | None) -> np.ndarray
     return ids
 
 
-def model_feeds(sess, ids: np.ndarray, attention_mask, dims_known: dict) -> dict:
-    """The session's inputs for token ids: a mask of ones unless given, positions 0..pos-1, an empty
-    past for a KV-cache graph."""
+def model_feeds(inputs, ids: np.ndarray, attention_mask, dims_known: dict) -> dict:
+    """Values for a transformer graph's onnxruntime inputs: the ids, a mask, positions, an empty past."""
     feeds = {}
-    for inp in sess.get_inputs():
+    for inp in inputs:
         dtype = np.int32 if inp.type == "tensor(int32)" else np.int64
         if "past" in inp.name and inp.type in FLOAT_TYPES:  # a KV-cache graph at its first step: an empty past
             feeds[inp.name] = empty_past(inp, ids.shape[0], dims_known, "run_with_cache")

@@ -148,7 +148,7 @@ class Step:
     def __call__(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         from .cache import _run, model_feeds
 
-        feeds = model_feeds(self.session, np.asarray(tokens, np.int64), None, self.dims)
+        feeds = model_feeds(self.session.get_inputs(), np.asarray(tokens, np.int64), None, self.dims)
         names = list(dict.fromkeys(self.outputs.values()))
         values = dict(zip(names, _run(self.session, names, feeds)))
         return {p: self._cast(p, values[out]) for p, out in self.outputs.items()}
@@ -227,7 +227,7 @@ def prepare(model, data, points, out, context: int = 128, tokens: int | None = N
     """The job and a step over its model, every input checked; nothing is written."""
     from ..graph.hookpoints import place
     from ..store.model import LensModel
-    from .cache import model_limits
+    from .cache import id_limits
     from .hooks import remove_hooks
 
     _check_numbers(context, tokens, batch, shard_mb)
@@ -241,7 +241,7 @@ def prepare(model, data, points, out, context: int = 128, tokens: int | None = N
     lens = LensModel.load(onnx_path)
     remove_hooks(lens)
     placement = place(lens.graph, model=lens)
-    vocab, positions = model_limits(placement.anatomy)
+    vocab, positions = id_limits(placement.anatomy)
     if positions is not None and context > positions:
         raise BadInputError(f"--context {context} is longer than the model's {positions} learned positions")
     if vocab is not None and spec.vocab > vocab:
