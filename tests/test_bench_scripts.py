@@ -26,11 +26,3 @@ def test_bench_ln_to_rms():
     out = run("bench_ln_to_rms.py", "--forms", "torchscript17")
     assert "processed + ln_to_rms" in out and "time in norm kernels per run" in out
 
-
-def test_bench_collect():
-    done = subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench_collect.py"), "--size", "tiny", "--rounds", "1",
-                           "--tokens", "256", "--context", "32", "--shard-mb", "0.01", "--no-ray", "--no-memory"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "TransformerLens 4.3 run_with_cache loop (baseline)" in done.stdout and "x1.00 of TL" in done.stdout
-    assert "lensgraph collect, 1 session x 2 threads" in done.stdout and "from their first shard on" in done.stdout
