@@ -23,13 +23,15 @@ _WHERE = {
     "run_with_hooks": ".interp.interventions", "run_with_interventions": ".interp.interventions",
     "ablate": ".interp.interventions", "patch": ".interp.interventions", "add": ".interp.interventions",
     "HookPoint": ".interp.interventions", "steer": ".interp.steer", "steering_vector": ".interp.steer",
+    "collect": ".interp.collect", "load_activations": ".interp.shards",
 }
 
 __all__ = [
     "ActivationCache", "BadInputError", "DEFAULT_PIPELINE", "Generation", "HookPoint", "LensError", "LensModel", "Pass",
     "PassManager", "PassResult", "TLWeights", "VerificationError", "__version__", "ablate", "add", "add_hooks",
-    "from_pretrained", "from_pretrained_no_processing", "generate", "patch", "process", "run_with_cache",
-    "run_with_hooks", "run_with_interventions", "steer", "steering_vector", "tl_weights", "to_str_tokens", "verify",
+    "collect", "from_pretrained", "from_pretrained_no_processing", "generate", "load_activations", "patch", "process",
+    "run_with_cache", "run_with_hooks", "run_with_interventions", "steer", "steering_vector", "tl_weights",
+    "to_str_tokens", "verify",
 ]
 
 

@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
-        print("lensgraph: interrupted; nothing was written", file=sys.stderr)
+        if args.func is _collect:
+            print("lensgraph: interrupted; the complete shards are kept: rerun the same command to continue",
+                  file=sys.stderr)
+        else:
+            print("lensgraph: interrupted; nothing was written", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug: say so plainly
         if args.debug:
@@ -177,6 +181,38 @@ def _parser() -> argparse.ArgumentParser:
                    "coefficient 0 is the source and the logits are the source's with the vectors added)")
     p.add_argument("--provider", default="CPUExecutionProvider", help=PROVIDER_HELP)
     p.set_defaults(func=_steer)
+
+    p = sub.add_parser("collect", parents=[common], help="collect hook-point activations over a corpus into shards "
+                       "a trainer reads (SAELens's cached-activations layout)")
+    p.add_argument("model", help="a folder `lensgraph convert` wrote (its tokenizer is used), or an ONNX file")
+    p.add_argument("--data", required=True, metavar="CORPUS",
+                   help="a .txt file (one document a line), a .jsonl or .parquet file, a save_to_disk folder, or a "
+                        "hub dataset id")
+    p.add_argument("--points", required=True, nargs="+", metavar="GLOB",
+                   help="hook points to collect, e.g. 'blocks.8.hook_resid_post' (per-position points; 'logits' too)")
+    p.add_argument("-o", "--output", required=True, metavar="ACTS",
+                   help="the folder to write (a new or empty one, or this same run's, which resumes it)")
+    p.add_argument("--context", type=int, default=128, help="tokens per window (default: 128)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens to collect, in whole windows (default: the "
+                   "whole corpus)")
+    p.add_argument("--batch", type=int, default=8, help="windows per model run (default: 8)")
+    p.add_argument("--dtype", default="float32", help="the activations' type: float32 or float16 (default: float32)")
+    p.add_argument("--shard-mb", type=float, default=512, help="size of a shard in MiB (default: 512)")
+    p.add_argument("--column", default="text", help="the corpus's text column (default: text)")
+    p.add_argument("--split", default="train", help="the split of a hub dataset or a DatasetDict (default: train)")
+    p.add_argument("--seed", type=int, default=None, help="shuffle the documents with this seed (default: the "
+                   "corpus's order)")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json, a folder with one, or a hub model id (default: "
+                   "the one beside the model)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: Ray Data, on a local instance or --ray-address (default: local)")
+    p.add_argument("--workers", type=int, default=None, help="sessions side by side, sharing the cores (local; "
+                   "default: 1) or Ray actors (default: one per node)")
+    p.add_argument("--ray-address", default=None, help="the Ray cluster to run on, e.g. 'auto' or "
+                   "'ray://head:10001' (default: a new local instance)")
+    p.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime execution provider "
+                   "(default: CPUExecutionProvider)")
+    p.set_defaults(func=_collect)
 
     p = sub.add_parser("view", parents=[common], help="serve a model in Netron on 127.0.0.1")
     p.add_argument("model", help="an ONNX model")
@@ -477,6 +513,24 @@ def _generate(args) -> int:
     print(",".join(str(int(t)) for t in new))
     if tokenizer is not None:
         print(tokenizer.decode(new))
+    return 0
+
+
+def _collect(args) -> int:
+    from .interp.collect import collect
+
+    if args.ray_address and args.engine != "ray":
+        raise BadInputError("--ray-address goes with --engine ray")
+    manifest = collect(args.model, args.data, args.points, args.output, context=args.context, tokens=args.tokens,
+                       batch=args.batch, dtype=args.dtype, shard_mb=args.shard_mb, column=args.column,
+                       seed=args.seed, tokenizer=args.tokenizer, split=args.split, engine=args.engine,
+                       workers=args.workers, ray_address=args.ray_address, provider=args.provider)
+    state = manifest["state"]
+    _say(args)(f"{args.data} -> {args.output}: {state['tokens']} tokens in {state['shards']} shards, "
+               f"{len(manifest['points'])} points ({', '.join(manifest['points'][:3])}"
+               f"{', ...' if len(manifest['points']) > 3 else ''}), {manifest['dtype']}")
+    for note in manifest.get("notes", []):
+        _say(args)(f"  note: {note}")
     return 0
 
 

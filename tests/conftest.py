@@ -95,3 +95,57 @@ def genai(tmp_path_factory):
         return built[family, precision]
 
     return get
+
+
+# -- collect: tiny model folders (a processed export, a word-level tokenizer) and a corpus ---------
+COLLECT_SPECIALS = {"gpt2": (["<|endoftext|>", "<unk>"], "<|endoftext|>", "<|endoftext|>"),  # BOS = EOS, as GPT-2's
+                    "llama": (["<unk>", "<s>", "</s>"], "<s>", "</s>")}
+CORPUS_WORDS = 80
+
+
+def _word_tokenizer(folder: str, family: str) -> None:
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials, bos, eos = COLLECT_SPECIALS[family]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(CORPUS_WORDS)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": bos, "eos_token": eos}, f)
+
+
+@pytest.fixture(scope="session")
+def collect_models(family_exports, tmp_path_factory):
+    """{family: folder}: the session's processed tiny GPT-2 and LLaMA as `convert` lays a folder out."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("collect-models")
+    folders = {}
+    for family in COLLECT_SPECIALS:
+        folder = os.path.join(root, family)
+        os.makedirs(folder)
+        shutil.copy(family_exports.processed(family, "torchscript17")[0], os.path.join(folder, "model.onnx"))
+        _word_tokenizer(folder, family)
+        folders[family] = folder
+    return folders
+
+
+def write_corpus(path: str, documents: int, seed: int = 0) -> list[str]:
+    """Documents of 1 to 40 words (some empty), one a line; returns them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    docs = [" ".join(f"w{i}" for i in rng.integers(0, CORPUS_WORDS, rng.integers(0, 40))) for _ in range(documents)]
+    with open(path, "w") as f:
+        f.write("\n".join(docs) + "\n")
+    return docs
+
+
+@pytest.fixture(scope="session")
+def collect_corpus(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+    write_corpus(path, 300)
+    return path

@@ -25,3 +25,4 @@ def test_bench_hooks():
 def test_bench_ln_to_rms():
     out = run("bench_ln_to_rms.py", "--forms", "torchscript17")
     assert "processed + ln_to_rms" in out and "time in norm kernels per run" in out
+

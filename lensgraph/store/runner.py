@@ -30,7 +30,7 @@ class Runner:
     """
 
     def __init__(self, model, provider: str = "CPUExecutionProvider", label: str | None = None,
-                 cache_dims: dict | None = None, few_runs: bool = False):
+                 cache_dims: dict | None = None, few_runs: bool = False, threads: int | None = None):
         import onnxruntime as ort
 
         self._tmp = None
@@ -40,6 +40,8 @@ class Runner:
         self.cache_dims.update(cache_dims or {})
         options = ort.SessionOptions()
         options.log_severity_level = runtime_log_level()
+        if threads:  # several sessions side by side share the cores (collect's workers)
+            options.intra_op_num_threads = threads
         if few_runs:  # a check runs a few small batches: re-laying the weights out for speed costs more (3x the load)
             options.add_session_config_entry("session.disable_prepacking", "1")
         ort.set_default_logger_severity(runtime_log_level())
