@@ -138,7 +138,7 @@ def _file_key(model: str) -> tuple[str, tuple]:
 
 
 # -- sessions -------------------------------------------------------------------------------------
-def _session(model, provider: str, points, named: bool = False) -> tuple:
+def points_session(model, provider: str, points, named: bool = False) -> tuple:
     """(session, {point: graph output}, about) for the chosen points (globs; None: all but those added
     only when named). With `named`, each point's output carries the point's name."""
     files = resolve(model)
@@ -160,7 +160,7 @@ def _session(model, provider: str, points, named: bool = False) -> tuple:
 def session(model, provider: str = "CPUExecutionProvider", points=None):
     """The onnxruntime session for a model with the chosen hook outputs (globs; None: all), each
     output named as its point."""
-    return _session(model, provider, points, named=True)[0]
+    return points_session(model, provider, points, named=True)[0]
 
 
 def _cut(proto: onnx.ModelProto, own: list[str], held: dict[str, str], named: bool) -> tuple:
@@ -231,7 +231,7 @@ def run_with_cache(model, tokens, attention_mask=None, points=None, provider: st
     else:
         given = prompt(model, tokens, prepend_bos)
         ids, mask = given.ids, attention_mask if attention_mask is not None else given.attention_mask
-        sess, held, about = _session(model, provider, points)
+        sess, held, about = points_session(model, provider, points)
         limits, dims_known = tuple(about["limits"]), about["cache_dims"]
         outputs = [o.name for o in sess.get_outputs()]
     logits = "logits" if "logits" in outputs else outputs[0]
