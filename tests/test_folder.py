@@ -20,33 +20,10 @@ import lensgraph
 from files import cli, one_error_line, snapshot
 from hf_oracle import relative_error
 from lensgraph.interp.tokens import end_ids, prompt, to_tokens
-from lensgraph.tiny_models import text_checkpoint
 from test_hook_oracle import check_points
 
 TEXT = "The capital of France is"
 TEXTS = ["The capital of France is", "A fox", "The quick brown fox jumps over"]
-
-
-class Folders:
-    """family -> (checkpoint, converted folder, HF model), converted once per session on first use. The
-    LLaMA folder keeps its export (--keep-export); the GPT-2 one does not."""
-
-    def __init__(self, root):
-        self.root, self.made = root, {}
-
-    def __call__(self, family: str):
-        if family not in self.made:
-            ckpt = text_checkpoint(str(self.root / family), family, seed=4)
-            folder = str(self.root / f"{family}-lens")
-            lensgraph.from_pretrained(ckpt, folder, keep_export=family == "llama")
-            hf = tf.AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="eager").eval()
-            self.made[family] = ckpt, folder, hf
-        return self.made[family]
-
-
-@pytest.fixture(scope="session")
-def folders(tmp_path_factory):
-    return Folders(tmp_path_factory.mktemp("text-folders"))
 
 
 def hf_generate(hf, ids: np.ndarray, n: int, eos) -> list[int]:
