@@ -48,7 +48,8 @@ def main(argv=None) -> dict:
     parts = {name: float(v[0]) for name, v in direct_logit_attribution(cache, readout, answer, args.pos).items()}
     logit = float(logits[0, args.pos, answer])
     print(f"tokens: {words(ids[0])}")
-    print(f"answer token {answer} ({words([answer])}) at position {args.pos}: logit {logit:.4f}")
+    said = f" ({words([answer])})" if args.prompt is not None else ""
+    print(f"answer token {answer}{said} at position {args.pos}: logit {logit:.4f}")
     for name, value in sorted(parts.items(), key=lambda kv: -abs(kv[1]))[:args.top]:
         print(f"  {name:14s} {value:+.4f}")
     total = sum(parts.values())

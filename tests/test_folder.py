@@ -310,3 +310,20 @@ def test_import_lensgraph_finds_the_package_beside_a_folder_of_its_name(tmp_path
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith(os.path.join("lensgraph", "__init__.py"))
+
+
+def test_readme_worked_examples_start_from_convert_with_text_and_the_folder():
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    section = readme[readme.index("## From `convert` to an experiment"):readme.index("## Command line")]
+    shell, python = re.findall(r"```(?:sh|python)\n(.*?)```", section, re.S)[:2]
+    commands = [line for line in shell.splitlines() if line.strip()]
+    assert commands[0].startswith("lensgraph convert ") and " -o smollm2/" in commands[0]
+    assert all("smollm2/" in line for line in commands[1:]), commands
+    calls = [line for line in python.splitlines() if "lensgraph." in line and "(" in line]
+    assert calls and all('"smollm2/"' in line for line in calls if "from_pretrained" not in line), calls
+    examples = section + readme[readme.index("## Looking inside"):readme.index("## Passes")]
+    for block in re.findall(r"```(?:sh|python)\n(.*?)```", examples, re.S):
+        for ids in ("np.array", "prompt_ids", "input_ids", "--prompt-ids", "--tokens", ".onnx\""):
+            assert ids not in block, (ids, block)
