@@ -170,7 +170,7 @@ def test_a_path_that_is_not_a_model_names_itself_and_the_command_that_makes_one(
     empty.mkdir()
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     cases = {ckpt: f"run `lensgraph convert {ckpt} -o", str(tmp_path / "m.gguf"): "is a GGUF checkpoint",
-             str(tmp_path / "nope"): "no such file or folder", str(empty): "make one with `lensgraph convert"}
+             str(tmp_path / "nope"): "no such file or folder", str(empty): "is a directory without a model"}
     before = snapshot(tmp_path)
     for path, message in cases.items():
         for argv in (["inspect", path], ["hooks", path, "--list"], ["weights", path], ["verify", path],

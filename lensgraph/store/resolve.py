@@ -76,7 +76,7 @@ def resolve(model) -> ModelFiles:
     if not os.path.exists(path):
         raise BadInputError(f"{given}: no such file or folder (a model is {WHAT}; make one with "
                             f"`lensgraph convert CHECKPOINT -o {given}`)")
-    if os.path.isfile(path):
+    if not os.path.isdir(path):  # a file (or something else, which the safety checks refuse by name)
         if path.lower().endswith(".gguf"):
             raise BadInputError(f"{given}: is a GGUF checkpoint, not a converted model; run `lensgraph convert {given} "
                                 f"-o {os.path.splitext(stem)[0]}/` and give that folder")
@@ -89,7 +89,7 @@ def resolve(model) -> ModelFiles:
     if os.path.isfile(os.path.join(path, "config.json")):
         raise BadInputError(f"{given}: is a HuggingFace checkpoint, not a converted model; run `lensgraph convert "
                             f"{given} -o {stem}-lens/` and give that folder")
-    raise BadInputError(f"{given}: is a folder without a model ({MODEL} or {CONFIG}); make one with "
+    raise BadInputError(f"{given}: is a directory without a model ({MODEL} or {CONFIG}); make one with "
                         f"`lensgraph convert CHECKPOINT -o {given}`")
 
 
