@@ -34,6 +34,7 @@ import benchlib  # noqa: E402
 
 PROMPT = "The capital of France is"
 LENS_FIRST = """import numpy as np
+import onnxruntime
 import lensgraph
 import lensgraph.interp.cache
 ids = np.array({ids!r})
@@ -55,6 +56,7 @@ with torch.no_grad():
 def folder_of(gguf: str, folder: str) -> str:
     """The GGUF file converted with lensgraph's defaults, once."""
     if not os.path.isfile(os.path.join(folder, "lensgraph.json")):
+        os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
         lensgraph = os.path.join(os.path.dirname(sys.executable), "lensgraph")
         subprocess.run([lensgraph, "-q", "convert", gguf, "-o", folder], check=True)
     return folder

@@ -37,7 +37,7 @@ from ..store.resolve import resolve
 from ..store.runner import empty_past
 from .cache import points_session, token_ids
 from .hooks import add_hooks
-from .tokens import Tokenizer, end_ids, prompt
+from .tokens import Tokenizer, end_ids, prompt, tokenizer_for
 
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 
@@ -80,7 +80,7 @@ def generate(model, prompt_ids, max_new_tokens: int = 20, points=None, do_sample
         gen = _generate_genai(files.folder, given.ids, max_new_tokens, points, do_sample, seed, eos)
     else:
         gen = _generate_onnxruntime(files, given.ids, max_new_tokens, points, do_sample, seed, eos, provider)
-    gen.tokenizer = given.tokenizer
+    gen.tokenizer = given.tokenizer or tokenizer_for(files, required=False)
     return gen
 
 

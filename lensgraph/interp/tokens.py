@@ -91,7 +91,7 @@ class Tokenizer:
 class Prompt:
     ids: np.ndarray  # int64 [batch, pos]
     attention_mask: np.ndarray | None  # int64 [batch, pos] where some position is padding, else None
-    tokenizer: Tokenizer | None  # the folder's, where it has one
+    tokenizer: Tokenizer | None  # the folder's, for a text prompt
 
 
 def tokenizer_for(model, required: bool = True) -> Tokenizer | None:
@@ -123,7 +123,7 @@ def prompt(model, text_or_ids, prepend_bos: bool | None = None, padding_side: st
     if texts is None:
         if chat or prepend_bos is not None:
             raise BadInputError("chat and prepend_bos apply to text; give the prompt as text, not token ids")
-        return Prompt(np.asarray(text_or_ids), None, tokenizer_for(model, required=False))
+        return Prompt(np.asarray(text_or_ids), None, None)
     tok = tokenizer_for(model)
     if chat:
         rows = [tok.chat(messages) for messages in texts]

@@ -31,7 +31,8 @@ class Runner:
     """
 
     def __init__(self, model, provider: str = "CPUExecutionProvider", label: str | None = None,
-                 cache_dims: dict | None = None, few_runs: bool = False, data_folder: str | None = None):
+                 cache_dims: dict | None = None, few_runs: bool = False, data_folder: str | None = None,
+                 optimization: str | None = None):
         import onnxruntime as ort
 
         self._tmp = None
@@ -45,6 +46,8 @@ class Runner:
             options.add_session_config_entry("session.disable_prepacking", "1")
         if data_folder is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", data_folder)
+        if optimization is not None:  # a member of onnxruntime.GraphOptimizationLevel (default: all)
+            options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
         ort.set_default_logger_severity(runtime_log_level())
         available = ort.get_available_providers()
         if provider not in available:
