@@ -103,7 +103,7 @@ def _generate_onnxruntime(files, prompt_ids, n, points, do_sample, seed, eos, pr
     if missing:
         raise BadInputError(f"{files.given}: has no output {missing[0]} to carry the cache to the next step")
     logits_name = "logits" if "logits" in outputs else outputs[0]
-    tokens = prompt = token_ids(prompt_ids, *about["limits"]).astype(np.int64)
+    tokens = first = token_ids(prompt_ids, *about["limits"]).astype(np.int64)
     batch = tokens.shape[0]
     cache = {name: empty_past(inputs[name], batch, about["cache_dims"], files.given) for name in past}
     rng = np.random.default_rng(seed)
@@ -136,7 +136,7 @@ def _generate_onnxruntime(files, prompt_ids, n, points, do_sample, seed, eos, pr
         step_ids = nxt[:, None]
         if eos and done.all():
             break
-    return Generation(tokens, prompt.shape[1], steps, "onnxruntime")
+    return Generation(tokens, first.shape[1], steps, "onnxruntime")
 
 
 def _last_position(name: str, value: np.ndarray) -> np.ndarray:
