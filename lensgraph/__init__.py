@@ -17,6 +17,7 @@ _WHERE = {
     "ActivationCache": ".interp.activation_cache", "run_with_cache": ".interp.cache",
     "Generation": ".interp.generate", "generate": ".interp.generate", "add_hooks": ".interp.hooks",
     "TLWeights": ".interp.tl_weights", "tl_weights": ".interp.tl_weights", "to_str_tokens": ".interp.tokens",
+    "to_tokens": ".interp.tokens", "verify_folder": ".convert",
     "DEFAULT_PIPELINE": ".passes", "Pass": ".pipeline", "PassManager": ".pipeline", "PassResult": ".pipeline",
     "process": ".process", "LensModel": ".store.model", "verify": ".verify",
     "from_pretrained": ".convert", "from_pretrained_no_processing": ".convert",
@@ -31,7 +32,7 @@ __all__ = [
     "PassManager", "PassResult", "TLWeights", "VerificationError", "__version__", "ablate", "add", "add_hooks",
     "collect", "from_pretrained", "from_pretrained_no_processing", "generate", "load_activations", "patch", "process",
     "run_with_cache", "run_with_hooks", "run_with_interventions", "steer", "steering_vector", "tl_weights",
-    "to_str_tokens", "verify",
+    "to_str_tokens", "to_tokens", "verify", "verify_folder",
 ]
 
 

@@ -63,6 +63,7 @@ SWITCHES = (("--no-fold-ln", "fold_ln", True), ("--no-center-writing-weights", "
             ("--no-center-unembed", "center_unembed", True), ("--no-fold-value-biases", "fold_value_biases", True),
             ("--refactor-factored-attn-matrices", "refactor_factored_attn_matrices", False))
 PROVIDER_HELP = "onnxruntime execution provider for verification (default: CPUExecutionProvider)"
+MODEL_HELP = "a folder `lensgraph convert` wrote, an onnxruntime-genai folder, or an .onnx file"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,8 +92,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: TorchScript, else dynamo where TorchScript fails; genai: an onnxruntime-genai folder "
                         "(default: auto)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="weights' type (default: float32)")
-    p.add_argument("--with-cache", action="store_true",
-                   help="a decoder step with past_key_values.* inputs and present.* outputs (default: off)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--with-cache", dest="with_cache", action="store_const", const=True, default=None,
+                       help="insist on a KV cache: fail if it cannot be exported exactly (default: a KV cache "
+                            "where the exporter traces one exactly, with a note where not)")
+    cache.add_argument("--no-cache", dest="with_cache", action="store_const", const=False,
+                       help="no KV cache: generate runs the whole sequence for each token (default: off)")
+    p.add_argument("--keep-export", action="store_true",
+                   help="also keep the unprocessed export in FOLDER/export, for `lensgraph verify FOLDER` without "
+                        "the source (default: off)")
     p.add_argument("--hooks", nargs="+", metavar="GLOB",
                    help="also add these hook points as outputs, e.g. 'blocks.*.hook_resid_post' (default: none)")
     _pipeline_options(p, explicit=False)
@@ -128,9 +136,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", default="CPUExecutionProvider", help=PROVIDER_HELP)
     p.set_defaults(func=_process)
 
-    p = sub.add_parser("verify", parents=[common], help="check B is equivalent to A (logits up to a per-position constant)")
-    p.add_argument("a", help="the original model")
-    p.add_argument("b", help="the rewritten model")
+    p = sub.add_parser("verify", parents=[common], help="check B is equivalent to A (logits up to a per-position "
+                       "constant), or a converted folder against its source")
+    p.add_argument("a", help="the original model, or a folder `lensgraph convert` wrote (checked against its "
+                   "kept export, else its source exported again)")
+    p.add_argument("b", nargs="?", help="the rewritten model (default: none: A is a converted folder)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest centred-logit difference allowed, relative to the logit scale (default: 1e-4 for "
                         "float32, 2e-2 for float16)")
@@ -138,12 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("inspect", parents=[common], help="show what lensgraph finds in a model")
-    p.add_argument("model", help="an ONNX model")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print it as JSON (default: text)")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("hooks", parents=[common], help="add TransformerLens hook points as graph outputs")
-    p.add_argument("input", help="an ONNX model")
+    p.add_argument("input", help=MODEL_HELP)
     p.add_argument("-o", "--output", help="where to write the model with hook outputs")
     p.add_argument("--points", nargs="+", metavar="GLOB",
                    help="hook points to add, as globs, e.g. 'blocks.*.hook_resid_post' (default: every point that "
@@ -153,22 +163,28 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_hooks)
 
     p = sub.add_parser("weights", parents=[common], help="list or save the weights under TransformerLens's names")
-    p.add_argument("model", help="an ONNX model")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--names", action="append", help="glob over the names (repeatable), e.g. 'blocks.0.attn.*' "
                    "(default: every weight)")
     p.add_argument("-o", "--output", help="save them to this .safetensors file (default: list them)")
     p.set_defaults(func=_weights)
 
-    p = sub.add_parser("generate", parents=[common], help="generate tokens from a KV-cache graph or an "
-                       "onnxruntime-genai folder")
-    p.add_argument("model", help="an onnxruntime-genai folder, or a graph with past_key_values.* inputs")
+    p = sub.add_parser("generate", parents=[common], help="generate text (or token ids) from a model")
+    p.add_argument("model", help=MODEL_HELP)
     prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt as text, tokenized by the folder's tokenizer with BOS first, as "
+                        "TransformerLens does")
     prompt.add_argument("--prompt-ids", help="the prompt's token ids, comma-separated (e.g. 1,5,9)")
-    prompt.add_argument("--prompt", help="the prompt as text (a folder with a tokenizer)")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=20, help="how many tokens to generate (default: 20)")
+    p.add_argument("--chat", action="store_true",
+                   help="the prompt is a user message, put through the tokenizer's chat template (default: off)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=20, help="how many tokens at most (default: 20)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (default: greedy)")
     p.add_argument("--seed", type=int, default=None, help="the sampling seed (default: none)")
-    p.add_argument("--eos", type=int, default=None, help="stop once this token id is generated (default: none)")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--eos", default=None, metavar="IDS",
+                      help="stop at these token ids, comma-separated (default: the tokenizer's and "
+                           "generation_config.json's end tokens)")
+    stop.add_argument("--ignore-eos", action="store_true", help="never stop early (default: off)")
     _steering_options(p)
     p.set_defaults(func=_generate)
 
@@ -215,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_collect)
 
     p = sub.add_parser("view", parents=[common], help="serve a model in Netron on 127.0.0.1")
-    p.add_argument("model", help="an ONNX model")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     p.add_argument("--browse", action="store_true", help="also open it in the default web browser (default: off)")
     p.set_defaults(func=_view)
@@ -368,10 +384,11 @@ def _convert(args) -> int:
     manager = _pipeline(args)
     if args.report:
         check_text_target(args.report, [os.path.abspath(args.output)])
-    steps = 3 + len(manager.names) + (len(VERIFY_STEPS) if manager.names and not args.no_verify else 0) + bool(args.hooks)
+    steps = 4 + len(manager.names) + (len(VERIFY_STEPS) if manager.names and not args.no_verify else 0) + bool(args.hooks)
     with Progress(enabled=not args.quiet, total=steps, desc="convert") as bar:
         report = convert(args.source, args.output, manager, exporter=args.exporter, with_cache=args.with_cache,
-                         hooks=args.hooks, verify=not args.no_verify, dtype=args.dtype, progress=bar.step)
+                         hooks=args.hooks, verify=not args.no_verify, dtype=args.dtype, keep_export=args.keep_export,
+                         progress=bar.step)
     say = _say(args)
     data = f" (weights in {os.path.basename(report['data_file'])})" if report.get("data_file") else ""
     say(f"{args.source} -> {report['folder']}{os.sep}: {os.path.basename(report['output'])}{data}, exported with "
@@ -397,18 +414,30 @@ def _model_files(args) -> list[str]:
 
 
 def _verify(args) -> int:
-    from .verify import verify
+    if args.b is None:
+        from .convert import verify_folder
 
-    result = verify(args.a, args.b, tolerance=args.tolerance, provider=args.provider)
+        result = verify_folder(args.a, tolerance=args.tolerance, provider=args.provider)
+    else:
+        from .verify import verify
+
+        result = verify(args.a, args.b, tolerance=args.tolerance, provider=args.provider)
     print(result.summary())
     return 0 if result.ok else 1
+
+
+def _model(path) -> str:
+    """The ONNX file a MODEL argument names (see store/resolve.py)."""
+    from .store.resolve import resolve
+
+    return resolve(path).model
 
 
 def _inspect(args) -> int:
     from .graph.describe import as_text, describe
     from .store.model import LensModel
 
-    info = describe(LensModel.load(args.model))
+    info = describe(LensModel.load(_model(args.model)))
     print(json.dumps(info, indent=2) if args.json else as_text(info))
     return 0
 
@@ -419,7 +448,7 @@ def _hooks(args) -> int:
     from .store.model import LensModel
 
     say = _say(args)
-    model = LensModel.load(args.input)
+    model = LensModel.load(_model(args.input))
     if args.list:
         placement = place(model.graph, model=model)
         for name, point in placement.points.items():
@@ -456,8 +485,9 @@ def _weights(args) -> int:
     from .interp.tl_weights import tl_weights
     from .store.atomic import check_text_target
 
-    target = check_text_target(args.output, [os.path.abspath(args.model)]) if args.output else None
-    weights = tl_weights(args.model, args.names)
+    model = _model(args.model)
+    target = check_text_target(args.output, [model]) if args.output else None
+    weights = tl_weights(model, args.names)
     if target is None:
         for name, arr in weights.items():
             print(f"  {name}: {list(arr.shape)} {arr.dtype}")
@@ -482,37 +512,27 @@ def _weights(args) -> int:
 
 
 def _generate(args) -> int:
-    import numpy as np
-
     from .interp.generate import generate
-    from .store.folder import is_model_folder
 
-    tokenizer = None
     if args.prompt is not None:
-        if not is_model_folder(args.model):
-            raise BadInputError(f"{args.model}: --prompt needs an onnxruntime-genai folder with a tokenizer; "
-                                "give --prompt-ids")
-        from .interp.tokens import Tokenizer
-
-        tokenizer = Tokenizer(args.model)
-        ids = np.asarray(tokenizer.encode(args.prompt), np.int64)[None, :]
+        given = args.prompt
     else:
-        try:
-            ids = np.array([[int(t) for t in args.prompt_ids.split(",")]], np.int64)
-        except ValueError:
-            raise BadInputError(f"--prompt-ids {args.prompt_ids!r}: give whole numbers separated by commas") from None
+        given = _ids(args.prompt_ids, "--prompt-ids")
+        if args.chat:
+            raise BadInputError("--chat takes the prompt as text: give --prompt")
+    eos = [] if args.ignore_eos else _ids(args.eos, "--eos")[0].tolist() if args.eos is not None else None
     steering = _steering(args)
     interventions = None
     if steering:
         from .interp.interventions import add
 
         interventions = [add(point, vector) for point, vector in steering.items()]
-    gen = generate(args.model, ids, args.max_new_tokens, do_sample=args.sample, seed=args.seed, eos_token_id=args.eos,
-                   interventions=interventions)
+    gen = generate(args.model, given, args.max_new_tokens, do_sample=args.sample, seed=args.seed, eos_token_id=eos,
+                   chat=args.chat, interventions=interventions)
     new = gen.new_tokens[0]
     print(",".join(str(int(t)) for t in new))
-    if tokenizer is not None:
-        print(tokenizer.decode(new))
+    if args.prompt is not None and gen.text is not None:
+        print(gen.text[0])
     return 0
 
 
@@ -534,6 +554,15 @@ def _collect(args) -> int:
     return 0
 
 
+def _ids(text: str, flag: str):
+    import numpy as np
+
+    try:
+        return np.array([[int(t) for t in text.split(",")]], np.int64)
+    except ValueError:
+        raise BadInputError(f"{flag} {text!r}: give whole numbers separated by commas") from None
+
+
 def _view(args) -> int:
     from .store.safety import open_model
 
@@ -543,9 +572,10 @@ def _view(args) -> int:
         raise missing_extra("netron", "lensgraph view", extra="view") from None
     if args.port is not None and not 0 <= args.port < 65536:
         raise BadInputError(f"--port {args.port}: a port is a number from 0 (any free one) to 65535")
-    open_model(args.model)  # the same checks as every command: a broken or unsafe file is refused here
+    model = _model(args.model)
+    open_model(model)  # the same checks as every command: a broken or unsafe file is refused here
     try:
-        host, port = netron.serve(args.model, address=("127.0.0.1", args.port), browse=args.browse)
+        host, port = netron.serve(model, address=("127.0.0.1", args.port), browse=args.browse)
     except OSError as exc:
         raise BadInputError(f"127.0.0.1:{args.port}: cannot serve there ({exc.strerror or exc})") from None
     print(f"serving {args.model} at http://{host}:{port} (Ctrl-C to stop)", flush=True)

@@ -6,11 +6,19 @@
 The source (a hub id, a local HuggingFace folder or a `.gguf` file) is loaded, exported
 with a traced exporter (TorchScript where it works, else dynamo: every hook point can be
 placed on such a graph), processed and verified against the export, and written as one
-folder: `model.onnx` (and `model.onnx.data` when large), the tokenizer files, and
+folder: `model.onnx` (and `model.onnx.data` when large), the tokenizer files and
+generation_config.json, `model.hooks.onnx` (the same graph with every hook point as an
+output, reading model.onnx's weights: run_with_cache's first call only opens it), and
 `lensgraph.json`, the report of what was done. The folder is built beside its target
 and renamed into place only when every step has succeeded (store/folder.py). With
 `exporter="genai"` the folder is onnxruntime-genai's, written by its model builder
 (fused attention: fewer hook points, the fastest deployment) and processed as a folder.
+
+By default the model is a decoder step with a KV cache (`past_key_values.*` in, `present.*`
+out), which also serves every analysis with an empty past: one graph for generation and
+read-out, one copy of the weights (measured against two graphs in docs/benchmarks.md). Where
+the cache cannot be exported exactly (the export check against torch fails), the graph
+has none, with a note, and `generate` runs the whole sequence for each new token.
 """
 
 from __future__ import annotations
@@ -19,14 +27,15 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 from .errors import BadInputError, LensError, missing_extra
 from .passes import DEFAULT_PIPELINE, from_switches
 from .store.folder import RECORD, StagedFolder
+from .store.resolve import EXPORT, GENERATION_CONFIG, MODEL, POINTS
 
 EXPORTERS = ("auto", "torchscript", "dynamo", "genai")
-MODEL = "model.onnx"
 # Above this the weights go to model.onnx.data: onnxruntime maps such a file as it loads (0.4 s for
 # SmolLM2-135M against 1 to 3 s with the same 650 MB inside the graph file), and convert loads the model
 # three times (the export's check, then verification's two sessions).
@@ -38,7 +47,8 @@ def from_pretrained(source, out_dir, fold_ln: bool = True, center_writing_weight
                     refactor_factored_attn_matrices: bool = False, **options) -> dict:
     """Export `source` and process it with TransformerLens's switches into the folder `out_dir`;
     returns the report `process` returns (plus the export's). Options: exporter ('auto',
-    'torchscript', 'dynamo', 'genai'), with_cache, hooks (globs), verify, dtype, progress."""
+    'torchscript', 'dynamo', 'genai'), with_cache (None: where it exports exactly), hooks (globs),
+    verify, dtype, keep_export, progress."""
     passes = from_switches(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                            center_unembed=center_unembed, fold_value_biases=fold_value_biases,
                            refactor_factored_attn_matrices=refactor_factored_attn_matrices)
@@ -50,10 +60,12 @@ def from_pretrained_no_processing(source, out_dir, **options) -> dict:
     return convert(source, out_dir, [], **options)
 
 
-def convert(source, out_dir, passes=DEFAULT_PIPELINE, exporter: str = "auto", with_cache: bool = False,
-            hooks=None, verify: bool = True, dtype: str = "float32", progress=None, verbose=None) -> dict:
+def convert(source, out_dir, passes=DEFAULT_PIPELINE, exporter: str = "auto", with_cache: bool | None = None,
+            hooks=None, verify: bool = True, dtype: str = "float32", keep_export: bool = False, progress=None,
+            verbose=None) -> dict:
     """The one-step job behind `from_pretrained` and `lensgraph convert` (see the module docstring).
-    The export is always written, processed or not."""
+    The export is always written, processed or not; with `keep_export` the unprocessed export stays
+    in the folder's export/ too, for `lensgraph verify FOLDER`."""
     if exporter not in EXPORTERS:
         raise BadInputError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     if with_cache and exporter in ("dynamo", "genai"):
@@ -69,12 +81,18 @@ def convert(source, out_dir, passes=DEFAULT_PIPELINE, exporter: str = "auto", wi
     staged = StagedFolder(os.fspath(out_dir))
     try:
         if exporter == "genai":
-            report = _genai(source, staged, manager, verify, step)
+            report = _genai(source, staged, manager, verify, keep_export, step)
         else:
-            report = _traced(source, staged, manager, exporter, with_cache, hooks, verify, dtype, step, verbose)
+            report = _traced(source, staged, manager, exporter, with_cache, hooks, verify, dtype, keep_export, step,
+                             verbose)
+        step("points")
+        report["points"] = _points(staged.path, report["notes"])
         report.pop("input_files", None)  # the export's place in the staging folder, gone once written
-        report.update(source=str(source), input=str(source), folder=staged.target,
-                      output=os.path.join(staged.target, MODEL), seconds=time.perf_counter() - start)
+        local = os.path.expanduser(str(source))
+        report.update(source=str(source), source_path=os.path.abspath(local) if os.path.exists(local) else None,
+                      input=str(source), folder=staged.target, output=os.path.join(staged.target, MODEL),
+                      kept_export=os.path.isdir(os.path.join(staged.path, EXPORT)), dtype=dtype,
+                      seconds=time.perf_counter() - start)
         if report.get("data_file"):
             report["data_file"] = os.path.join(staged.target, os.path.basename(report["data_file"]))
         step("write")
@@ -85,8 +103,8 @@ def convert(source, out_dir, passes=DEFAULT_PIPELINE, exporter: str = "auto", wi
     return report
 
 
-def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bool, hooks, verify: bool,
-            dtype: str, step, verbose) -> dict:
+def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bool | None, hooks, verify: bool,
+            dtype: str, keep_export: bool, step, verbose) -> dict:
     try:
         from .export import ExportError, export_model, load_hf_model, load_tokenizer, weight_bytes
     except ModuleNotFoundError as exc:
@@ -96,22 +114,39 @@ def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bo
     step("load")
     model = load_hf_model(source, dtype=dtype, verbose=verbose)
     tokenizer = load_tokenizer(source)
-    raw = os.path.join(staged.path, "export")
+    raw = os.path.join(staged.path, EXPORT)
     os.mkdir(raw)
     step("export")
     notes = []
     chosen = "torchscript" if exporter == "auto" else exporter
+    cache = with_cache if with_cache is not None else chosen == "torchscript"
     external = weight_bytes(model) > EXTERNAL_ABOVE or None  # None: export's own limit decides
-    try:
-        info = export_model(model, os.path.join(raw, MODEL), exporter=chosen, verbose=verbose, cache=with_cache,
-                            external_data=external)
-    except ExportError as exc:
-        if exporter != "auto" or with_cache:
-            raise
-        notes.append(f"the TorchScript export failed ({exc}); exported with dynamo")
-        info = export_model(model, os.path.join(raw, MODEL), exporter="dynamo", verbose=verbose,
-                            external_data=external)
+    info = None
+    if cache:
+        try:
+            info = export_model(model, os.path.join(raw, MODEL), exporter=chosen, verbose=verbose, cache=True,
+                                external_data=external)
+        except ExportError as exc:
+            if with_cache:
+                raise
+            notes.append(f"no KV cache: its export failed ({exc}); generate runs the whole sequence for each token")
+    elif with_cache is None:
+        notes.append(f"no KV cache: the {chosen} exporter cannot trace one; generate runs the whole sequence for "
+                     "each token")
+    if info is None:
+        try:
+            info = export_model(model, os.path.join(raw, MODEL), exporter=chosen, verbose=verbose,
+                                external_data=external)
+        except ExportError as exc:
+            if exporter != "auto":
+                raise
+            notes.append(f"the TorchScript export failed ({exc}); exported with dynamo")
+            info = export_model(model, os.path.join(raw, MODEL), exporter="dynamo", verbose=verbose,
+                                external_data=external)
+    generation = getattr(model, "generation_config", None)
     del model  # processing and verification need the memory
+    if generation is not None:  # the end tokens generate stops at
+        generation.to_json_file(os.path.join(staged.path, GENERATION_CONFIG))
     if tokenizer is not None:
         tokenizer.save_pretrained(staged.path)
     else:
@@ -122,13 +157,29 @@ def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bo
     if not report["written"]:  # nothing to do or nothing changed: the export itself is the model
         _move_contents(raw, staged.path)
         report["data_file"] = info.get("data_file")
-    shutil.rmtree(raw)  # the export, where processing wrote its own model
+    if not keep_export or not report["written"]:
+        shutil.rmtree(raw)  # the export, where processing wrote its own model
     if hooks:
         step("hooks")
         report["hooks"] = _add_hooks(os.path.join(staged.path, MODEL), hooks)
     report["export"] = {k: v for k, v in info.items() if k not in ("out_path", "data_file")}
     report["notes"] = notes + report.get("notes", [])
     return report
+
+
+def _points(folder: str, notes: list) -> int:
+    """model.hooks.onnx beside the folder's model: every hook point, placed now so that
+    run_with_cache's first call only opens it. Returns how many points it holds."""
+    from .interp.cache import save_points
+
+    try:
+        count = save_points(os.path.join(folder, MODEL), os.path.join(folder, POINTS))
+    except LensError as exc:
+        notes.append(f"no {POINTS}: {exc}; run_with_cache places the points on its first call")
+        return 0
+    if not count:
+        os.remove(os.path.join(folder, POINTS))
+    return count
 
 
 def _move_contents(folder: str, into: str) -> None:
@@ -166,7 +217,7 @@ def _add_hooks(path: str, patterns) -> dict:
     return report.to_dict()
 
 
-def _genai(source, staged: StagedFolder, manager, verify: bool, step) -> dict:
+def _genai(source, staged: StagedFolder, manager, verify: bool, keep_export: bool, step) -> dict:
     """onnxruntime-genai's model builder writes the folder; lensgraph processes it as a folder."""
     from .process import process
 
@@ -176,15 +227,7 @@ def _genai(source, staged: StagedFolder, manager, verify: bool, step) -> dict:
         raise missing_extra(exc.name, "lensgraph convert --exporter genai", extra="genai") from None
     built = os.path.join(staged.path, "genai")
     step("export")
-    where = ["-i", os.path.expanduser(str(source))] if os.path.exists(os.path.expanduser(str(source))) \
-        else ["-m", str(source)]
-    run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", *where, "-o", built,
-                          "-p", "fp32", "-e", "cpu", "-c", os.path.join(staged.path, "genai-cache")],
-                         capture_output=True, text=True)
-    shutil.rmtree(os.path.join(staged.path, "genai-cache"), ignore_errors=True)
-    if run.returncode != 0:
-        last = [ln for ln in (run.stderr or run.stdout).splitlines() if ln.strip()][-1:] or ["no message"]
-        raise LensError(f"{source}: onnxruntime-genai's model builder failed ({last[0].strip()})")
+    _build_genai(source, built)
     processed = os.path.join(staged.path, "processed")
     report = process(built, processed, passes=manager, verify=verify, progress=step) if manager.passes \
         else _unprocessed(built, manager)
@@ -192,7 +235,64 @@ def _genai(source, staged: StagedFolder, manager, verify: bool, step) -> dict:
     if os.path.exists(os.path.join(final, RECORD)):  # process's record of its part; convert writes the whole
         os.remove(os.path.join(final, RECORD))
     _move_contents(final, staged.path)
+    if keep_export and report["written"]:
+        os.rename(built, os.path.join(staged.path, EXPORT))
     shutil.rmtree(built, ignore_errors=True)
     shutil.rmtree(processed, ignore_errors=True)
     report["export"] = {"exporter": "genai", "builder": "onnxruntime_genai.models.builder -p fp32 -e cpu"}
     return report
+
+
+def _build_genai(source, out: str) -> None:
+    """onnxruntime-genai's model builder (fp32, CPU) from a local checkpoint or a hub id into `out`."""
+    where = ["-i", os.path.expanduser(str(source))] if os.path.exists(os.path.expanduser(str(source))) \
+        else ["-m", str(source)]
+    work = out + ".cache"
+    run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", *where, "-o", out,
+                          "-p", "fp32", "-e", "cpu", "-c", work], capture_output=True, text=True)
+    shutil.rmtree(work, ignore_errors=True)
+    if run.returncode != 0:
+        last = [ln for ln in (run.stderr or run.stdout).splitlines() if ln.strip()][-1:] or ["no message"]
+        raise LensError(f"{source}: onnxruntime-genai's model builder failed ({last[0].strip()})")
+
+
+def verify_folder(folder, tolerance: float | None = None, provider: str = "CPUExecutionProvider", progress=None):
+    """Re-check a folder convert wrote against its source: the unprocessed export kept in the folder
+    (`keep_export`), else the source recorded in lensgraph.json, exported again as convert exported
+    it. The result's `against` says which."""
+    from .store.resolve import resolve
+    from .verify import verify
+
+    files = resolve(folder)
+    record = files.record
+    if record is None or "export" not in record:
+        raise BadInputError(f"{files.given}: has no lensgraph.json from `lensgraph convert` saying what it was made "
+                            f"from; give the original as well: lensgraph verify ORIGINAL.onnx {files.given}")
+    if files.export:
+        result = verify(files.export, files.model, tolerance=tolerance, provider=provider, progress=progress)
+        result.against = f"the unprocessed export kept in {os.path.join(files.given, EXPORT)}"
+        return result
+    source = record.get("source_path") or record.get("source")
+    if record.get("source_path") and not os.path.exists(record["source_path"]):
+        raise BadInputError(f"{files.given}: its source {source} (recorded in lensgraph.json) is gone, so it cannot "
+                            f"be exported again; convert with --keep-export to keep the export in the folder: "
+                            f"lensgraph convert SOURCE -o {files.given} --keep-export")
+    exporter, cache = record["export"].get("exporter"), bool(record["export"].get("cache"))
+    with tempfile.TemporaryDirectory(prefix="lensgraph-verify-") as tmp:
+        if exporter == "genai":
+            try:
+                import onnxruntime_genai  # noqa: F401
+            except ModuleNotFoundError as exc:
+                raise missing_extra(exc.name, "lensgraph verify on an onnxruntime-genai folder", extra="genai") from None
+            _build_genai(source, os.path.join(tmp, "genai"))
+            fresh = os.path.join(tmp, "genai", os.path.basename(files.model))
+        else:
+            try:
+                from .export import export
+            except ModuleNotFoundError as exc:
+                raise missing_extra(exc.name, "lensgraph verify FOLDER (it exports the source again)") from None
+            fresh = os.path.join(tmp, MODEL)
+            export(source, fresh, exporter=exporter, dtype=record.get("dtype", "float32"), cache=cache)
+        result = verify(fresh, files.model, tolerance=tolerance, provider=provider, progress=progress)
+    result.against = f"{source}, exported again ({exporter}{' with its KV cache' if cache else ''})"
+    return result

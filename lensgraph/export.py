@@ -205,6 +205,8 @@ def load_hf_model(source, dtype="float32", verbose=None):
         raise ExportInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     source = str(source)
     path = os.path.expanduser(source)
+    if path.lower().endswith(".gguf") and not os.path.exists(path):
+        raise ExportInputError(f"{source}: no such file (a GGUF checkpoint is read from a local .gguf file)")
     gguf = gguf_file(source)
     if gguf:
         from transformers import AutoModelForCausalLM

@@ -14,7 +14,7 @@ from .errors import BadInputError, VerificationError
 from .graph.anatomy import analyse, nothing_to_rewrite
 from .pipeline import Pass, PassManager, PassResult
 from .store.atomic import data_files_of
-from .store.folder import StagedFolder, is_model_folder, model_file
+from .store.folder import RECORD, StagedFolder, is_model_folder, model_file
 from .store.model import LensModel
 from .verify import check_tolerance
 from .verify import verify as verify_models
@@ -40,6 +40,10 @@ def process(
     start = time.perf_counter()
     _check_arguments(src, dst, verify, tolerance, provider)
     src = os.fspath(src)
+    if os.path.isdir(src) and not is_model_folder(src) and os.path.isfile(os.path.join(src, RECORD)):
+        raise BadInputError(f"{src}: is a folder `lensgraph convert` wrote; convert again with the switches you want "
+                            f"(lensgraph convert SOURCE -o {src} --no-...), or process its model file: "
+                            f"lensgraph process {os.path.join(src, 'model.onnx')} -o OUT.onnx")
     if is_model_folder(src):
         return _process_folder(src, dst, in_place, passes=passes, verify=verify, external_data=external_data,
                                provider=provider, tolerance=tolerance, progress=progress)

@@ -116,3 +116,48 @@ def build(family: str, seed: int = 0):
     model.config.architectures = [type(model).__name__]  # as a saved checkpoint names it
     randomise_1d(model, seed)
     return model
+
+
+# -- a tiny checkpoint with text: tokenizer, chat template, end tokens -------------------------------
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CORPUS = ("The capital of France is Paris. The quick brown fox jumps over the lazy dog. "
+          "A model reads the text as tokens, and writes its answer one token at a time. ") * 4
+
+
+def text_checkpoint(folder: str, family: str = "gpt2", seed: int = 0) -> str:
+    """A tiny random causal LM saved as a HuggingFace checkpoint with what a real one has for text: a
+    trained byte-level BPE tokenizer with special tokens and a ChatML chat template, and a generation
+    config whose end token is `<|im_end|>`. GPT-2's tokenizer leaves BOS to the caller (BOS = EOS =
+    `<|endoftext|>`, no pad token); LLaMA's prepends `<s>` itself (EOS `</s>`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if family == "gpt2" else \
+        ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if family == "gpt2":
+        names = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+        names = dict(bos_token="<s>", eos_token="</s>")
+    vocab = tok.get_vocab_size()
+    end, bos, eos = tok.token_to_id("<|im_end|>"), tok.token_to_id(names["bos_token"]), tok.token_to_id(names["eos_token"])
+    if family == "gpt2":
+        config = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=vocab, bos_token_id=bos,
+                               eos_token_id=eos)
+    else:
+        config = tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=64, max_position_embeddings=64, vocab_size=vocab, bos_token_id=bos,
+                                eos_token_id=eos)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    randomise_1d(model, seed)
+    model.generation_config.eos_token_id = end
+    model.save_pretrained(folder)
+    tf.PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHATML, **names).save_pretrained(folder)
+    return folder

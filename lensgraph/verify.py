@@ -8,11 +8,13 @@ worst difference is reported relative to the logit scale.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from .errors import BadInputError
+from .store.resolve import resolve
 from .store.runner import Runner
 
 DEFAULT_SHAPES = ((1, 7), (2, 5), (3, 1))
@@ -31,12 +33,15 @@ class VerifyResult:
     provider: str = "CPUExecutionProvider"
     output: str = "logits"
     nonfinite: str | None = None  # why non-finite logits make the models not equivalent
+    against: str | None = None  # what a converted folder was checked against (convert.verify_folder)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         verdict = "equivalent" if self.ok else "NOT equivalent"
+        if self.against:
+            verdict += f" to {self.against}"
         if self.nonfinite:
             return f"{verdict}: {self.nonfinite} ({self.provider})"
         return (
@@ -67,13 +72,15 @@ def verify(
     label_b: str | None = None,
     progress=None,
 ) -> VerifyResult:
-    """Compare centred logits of two models; ok when the worst relative gap is within tolerance.
+    """Compare centred logits of two models (files, or folders holding them); ok when the worst
+    relative gap is within tolerance.
 
     The models run one after the other: the original's logits are kept (they are small)
     and its session released before the rewritten model is loaded, so memory holds one
     model at a time, whatever its size.
     """
     check_tolerance(tolerance)
+    original, rewritten = (resolve(m).model if isinstance(m, (str, os.PathLike)) else m for m in (original, rewritten))
     step = progress or (lambda name: None)
     step(VERIFY_STEPS[0])
     a = original if isinstance(original, Runner) else Runner(original, provider, few_runs=True)

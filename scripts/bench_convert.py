@@ -4,6 +4,7 @@ loading and processing the same local checkpoint, each as a whole process: wall 
 resident memory, in interleaved rounds; and the CLI's start-up.
 
     python scripts/bench_convert.py [--models gpt2-small,smollm2] [--rounds 2] [--dynamo] [--startup-rounds 5]
+    python scripts/bench_convert.py --models '' --startup-rounds 0 --cache-choice [--rounds 2]
 
 gpt2-small: GPT-2 small's shape (124M parameters, random weights, randomised norms); smollm2:
 SmolLM2-135M-Instruct's real weights as a safetensors folder, made once from the GGUF file of the
@@ -12,6 +13,11 @@ SmolLM2-135M-Instruct's real weights as a safetensors folder, made once from the
 the weights as lensgraph's default pipeline does (the baseline of every ratio). The onnxruntime-genai
 builder is measured on the LLaMA-family model only (it has no GPT-2); dynamo only with --dynamo
 (two minutes and more at this size).
+
+--cache-choice measures, on SmolLM2, what a folder that can generate costs: one KV-cache graph that
+also serves the analyses with an empty past (convert's default), against a plain graph (--no-cache)
+plus a second, KV-cache graph beside it (exported and processed on its own: the two-graph layout),
+in time and folder size (the second graph's weights counted twice, and once as if shared).
 """
 
 from __future__ import annotations
@@ -96,11 +102,12 @@ def main(argv=None) -> None:
     p.add_argument("--startup-rounds", type=int, default=5)
     p.add_argument("--dynamo", action="store_true", help="also measure the dynamo exporter (slow)")
     p.add_argument("--dir", default=os.path.join(benchlib.CACHE, "convert"))
+    p.add_argument("--cache-choice", action="store_true", help="measure the KV-cache layouts on SmolLM2")
     args = p.parse_args(argv)
     os.makedirs(args.dir, exist_ok=True)
     folders = {"gpt2-small": gpt2_small_folder, "smollm2": benchlib.smollm2_folder}
     print(f"# bench_convert: {args.rounds} interleaved rounds, whole processes, {benchlib.now()}")
-    for name in filter(None, args.models.split(",")):  # --models '': the start-up only
+    for name in filter(None, args.models.split(",")):  # --models '': no convert comparison
         folder = folders[name]()
         mib, family = float32_mib(folder)
         variants = convert_variants(folder, family, os.path.join(args.dir, name), args.dynamo)
@@ -110,7 +117,48 @@ def main(argv=None) -> None:
         for variant, (seconds, peak) in results.items():
             print(f"  {variant:55s} {seconds:7.1f} s  x{seconds / base:5.2f}   peak {peak:6.0f} MiB  "
                   f"x{peak / mib:4.2f} of the weights")
-    startup(args)
+    if args.cache_choice:
+        cache_choice(args)
+    if args.startup_rounds:
+        startup(args)
+
+
+def folder_mib(path: str) -> float:
+    if os.path.isfile(path):
+        return benchlib.size_mib(path)
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if os.path.isfile(os.path.join(path, f))) / 2**20
+
+
+def cache_choice(args) -> None:
+    """One KV-cache graph (the default) against a plain graph plus a second, KV-cache graph."""
+    source = benchlib.smollm2_folder()
+    out = os.path.join(args.dir, "cache-choice")
+    os.makedirs(out, exist_ok=True)
+    kv_file, kv_lens = os.path.join(out, "second.onnx"), os.path.join(out, "second.lens.onnx")
+    steps = {"one KV-cache graph (convert)": [[LENSGRAPH, "-q", "convert", source, "-o", os.path.join(out, "kv")]],
+             "plain graph (convert --no-cache)": [[LENSGRAPH, "-q", "convert", source, "-o", os.path.join(out, "plain"),
+                                                   "--no-cache"]],
+             "second graph (export --with-cache + process)": [
+                 [LENSGRAPH, "-q", "export", source, "-o", kv_file, "--exporter", "torchscript", "--with-cache"],
+                 [LENSGRAPH, "-q", "process", kv_file, "-o", kv_lens]]}
+    times = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, argvs in steps.items():
+            times[name].append(sum(command(argv)[0] for argv in argvs))
+    t = {name: statistics.median(v) for name, v in times.items()}
+    kv, plain = folder_mib(os.path.join(out, "kv")), folder_mib(os.path.join(out, "plain"))
+    second = benchlib.size_mib(kv_lens)
+    weights = os.path.getsize(os.path.join(out, "plain", "model.onnx.data")) / 2**20
+    graph_only = second - weights  # what the second graph would add if it read the first one's weights file
+    print(f"## KV-cache layout on smollm2 ({args.rounds} interleaved rounds, whole processes)")
+    print(f"  one KV-cache graph (convert, the default)        {t['one KV-cache graph (convert)']:7.1f} s   "
+          f"folder {kv:6.0f} MiB")
+    two = t["plain graph (convert --no-cache)"] + t["second graph (export --with-cache + process)"]
+    print(f"  plain graph alone (convert --no-cache)           {t['plain graph (convert --no-cache)']:7.1f} s   "
+          f"folder {plain:6.0f} MiB")
+    print(f"  two graphs: plain + a second KV-cache graph      {two:7.1f} s   folder {plain + second:6.0f} MiB "
+          f"(weights twice), {plain + graph_only:6.0f} MiB if the second read the first one's weights file")
 
 
 def startup(args) -> None:

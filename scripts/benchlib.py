@@ -168,18 +168,30 @@ def measure(code: str) -> dict:
 
 
 def timed(body: str) -> str:
-    """Wrap `body` (which may define setup before a line '#--') so only the part after is timed."""
+    """Wrap `body` (which may define setup before a line '#--') so only the part after is timed. The
+    peak is the whole process's; the child also reports its resident memory when the timed part
+    starts (rss_before_mib) and its peak since then (timed_peak_mib: the high-water mark is reset
+    through /proc/self/clear_refs), so timed_peak_mib - rss_before_mib is what the timed part added."""
     setup, _, work = body.partition("#--\n")
     return (
         "import json, time\n" + setup +
+        "def _status(key):\n"
+        "    try:\n"
+        "        found = [l for l in open('/proc/self/status') if l.startswith(key + ':')]\n"
+        "        return int(found[0].split()[1]) / 1024 if found else None\n"
+        "    except OSError:\n"
+        "        return None\n"
+        "peak = _status('VmHWM')\n"
+        "try:\n"
+        "    open('/proc/self/clear_refs', 'w').write('5')\n"
+        "except OSError:\n"
+        "    pass\n"
+        "rss_before = _status('VmRSS')\n"
         "start = time.perf_counter()\n" + work +
         "seconds = time.perf_counter() - start\n"
-        "try:\n"
-        "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
-        "    peak = int(hwm[0].split()[1]) / 1024 if hwm else None\n"
-        "except OSError:\n"
-        "    peak = None\n"
-        "print(json.dumps({'seconds': seconds, 'peak_rss_mib': peak}))\n"
+        "timed_peak = _status('VmHWM')\n"
+        "print(json.dumps({'seconds': seconds, 'peak_rss_mib': max(peak or 0, timed_peak or 0) or None,\n"
+        "                  'rss_before_mib': rss_before, 'timed_peak_mib': timed_peak}))\n"
     )
 
 

@@ -149,3 +149,30 @@ def collect_corpus(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("corpus") / "corpus.txt")
     write_corpus(path, 300)
     return path
+
+
+class TextFolders:
+    """family ('gpt2' or 'llama') -> (checkpoint with a tokenizer and end tokens, the folder `convert` made of
+    it, the HF model), made once per session on first use. The LLaMA folder keeps its export
+    (--keep-export); the GPT-2 one does not."""
+
+    def __init__(self, root):
+        self.root, self.made = root, {}
+
+    def __call__(self, family: str):
+        import lensgraph
+        import transformers as tf
+        from lensgraph.tiny_models import text_checkpoint
+
+        if family not in self.made:
+            ckpt = text_checkpoint(str(self.root / family), family, seed=4)
+            folder = str(self.root / f"{family}-lens")
+            lensgraph.from_pretrained(ckpt, folder, keep_export=family == "llama")
+            hf = tf.AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="eager").eval()
+            self.made[family] = ckpt, folder, hf
+        return self.made[family]
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    return TextFolders(tmp_path_factory.mktemp("text-folders"))

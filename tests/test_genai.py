@@ -169,7 +169,8 @@ def test_generate_cli(genai, capsys):
     assert code == 0, err
     assert out.strip() == ",".join(str(t) for t in greedy(src, 6)[len(PROMPT):])
     code, out, _ = cli(capsys, "generate", src, "--prompt", "the quick brown", "-n", "3")
-    assert code == 0 and len(out.strip().splitlines()) == 2  # the ids, then the text
+    assert code == 0 and len(out.splitlines()) == 2  # the ids, then the text (empty where the random model's
+    # tokens lie beyond this tiny tokenizer's vocabulary)
 
 
 def test_to_str_tokens_matches_transformerlens(genai, tmp_path):

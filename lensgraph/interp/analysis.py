@@ -21,6 +21,7 @@ from ..errors import LensError
 from ..graph.anatomy import analyse
 from ..graph.hookpoints import writers_by_role
 from ..store.model import LensModel
+from ..store.resolve import resolve
 from ..store.weights import LinearWeights
 
 
@@ -37,7 +38,7 @@ class Readout:
 
     @classmethod
     def from_model(cls, model: str | os.PathLike | LensModel) -> "Readout":
-        model = model if isinstance(model, LensModel) else LensModel.load(model)
+        model = model if isinstance(model, LensModel) else LensModel.load(resolve(model).model)
         anatomy = analyse(model.graph)
         norm, unembed = anatomy.final_norm, anatomy.unembed
         if unembed is None or norm is None:

@@ -1,72 +1,101 @@
 """run_with_cache: TransformerLens's view of a model, computed by onnxruntime.
 
-    logits, cache = run_with_cache("gpt2.lens.onnx", input_ids)
+    logits, cache = run_with_cache("smollm2/", "The capital of France is")
     cache["blocks.0.attn.hook_pattern"]    # numpy, [batch, head, query, key]
 
-Given a model file, the session is built with exactly the hook outputs asked for (any
-earlier hook outputs of the file are replaced): onnxruntime's inference builds run every
-node of a graph whatever is fetched, so an unrequested hook would still cost time, and
-with no hooks requested the session runs the plain graph. Sessions are kept per file,
-provider and choice of points, so repeated calls pay for loading once. Given an
-InferenceSession, its own outputs are the hooks on offer.
+Every hook point of a model is placed once, into one graph that lists each point as an output
+(the points graph: the model's weights stay where they are, read by reference). `lensgraph convert`
+writes it into its folder (model.hooks.onnx), so a folder's first call only opens it; for any other
+file it is built on the first call and kept in memory. A call's session is that graph cut down to
+the points asked for: onnxruntime runs every node of a graph whatever is fetched, so an unrequested
+hook would still cost time, and with no points the session runs the plain graph. Sessions are kept
+per file, provider and choice of points. Given an InferenceSession, its own outputs are the hooks
+on offer.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import numpy as np
+import onnx
 
 from ..errors import BadInputError
 from ..graph import match
 from ..graph.hookpoints import place
-from ..store.model import LensModel
+from ..store.model import LensModel, infer_shapes
+from ..store.resolve import ModelFiles, resolve
 from ..store.runner import FLOAT_TYPES, Runner, cache_dims, empty_past
 from .activation_cache import ActivationCache
 from .hooks import add_hooks, remove_hooks, select
+from .tokens import prompt
 
-_FILES: dict[str, tuple] = {}  # path -> (file key, placeable points, id limits, KV-cache head sizes)
-_SESSIONS: dict[tuple, object] = {}
+POINTS_KEY = "lensgraph.points"  # in a points graph: {point: the graph output that holds it}
+ABOUT_KEY = "lensgraph.points_of"  # the model it was made from, and what run_with_cache needs to know of it
+# onnxruntime's basic graph optimisations for run_with_cache's sessions: on SmolLM2-135M a session builds in
+# 1.9 s rather than 2.6 s (all optimisations), and runs 128 tokens in the same time (docs/benchmarks.md)
+OPTIMIZATION = "ORT_ENABLE_BASIC"
+_GRAPHS: dict[str, tuple] = {}  # model path -> (file key, points graph, {point: output}, about)
+_SESSIONS: dict[tuple, tuple] = {}
 
 
-def session(model: str | os.PathLike, provider: str = "CPUExecutionProvider", points=None):
-    """The onnxruntime session for a model file with the chosen hook outputs (globs; None: all),
-    each output named as its point."""
-    return _session(model, provider, points, copies=True)[0]
+# -- the points graph ---------------------------------------------------------------------------------
+def points_graph(path: str, on_request: bool = True) -> tuple[onnx.ModelProto, dict[str, str], dict]:
+    """The model at `path` with every placeable hook point as a graph output (without `on_request`, not
+    the points added only when named), its weights referenced where they lie (the model's own bytes or
+    its data file, in its folder); {point: output}; and `about`: the model's own outputs, the points
+    left out, vocabulary, learned positions and KV-cache head sizes."""
+    import onnx_ir as ir
 
+    from ..store.safety import open_model
 
-def _session(model, provider: str, points, copies: bool) -> tuple:
-    """(session, {point: graph output}); without `copies`, a point that is a tensor of the graph
-    is fetched as that tensor (see hooks.add_hooks)."""
-    path, key = file_key(model)
-    names = select(_points(path, key), points)
-    skey = key + (provider, tuple(names), copies)
-    if skey not in _SESSIONS:
-        for old in [k for k in _SESSIONS if k[0] == path and k[:len(key)] != key]:
-            del _SESSIONS[old]  # the file changed since
-        _SESSIONS[skey] = _open(path, provider, names, copies)
-    return _SESSIONS[skey]
+    proto, _ = open_model(path)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, os.path.dirname(os.path.abspath(path)))
+    infer_shapes(model)
+    lens = LensModel(model, path)
+    remove_hooks(lens)  # a file from `lensgraph hooks`: its named copies give way to the points graph's
+    own = [v.name for v in model.graph.outputs]
+    placement = place(model.graph, model=lens)
+    names = list(placement.points) if on_request else select(list(placement.points), None)
+    outputs = add_hooks(lens, names, copies=False, placement=placement).outputs if names else {}
+    about = {"model": os.path.basename(path), "sha256": _sha256(path), "outputs": own,
+             "left_out": [n for n in placement.points if n not in outputs],
+             "limits": list(id_limits(placement.anatomy)) if placement.anatomy else [None, None],
+             "cache_dims": cache_dims(path)}
+    out = ir.serde.serialize_model(model)
+    for key, value in ((POINTS_KEY, outputs), (ABOUT_KEY, about)):
+        entry = next((p for p in out.metadata_props if p.key == key), None) or out.metadata_props.add(key=key)
+        entry.value = json.dumps(value)
+    return out, outputs, about
 
 
 def file_key(model) -> tuple[str, tuple]:
     """(absolute path, a key that changes when the file does)."""
     if not isinstance(model, (str, os.PathLike)):
         raise BadInputError(f"model must be a file path or an onnxruntime InferenceSession, not {type(model).__name__}")
-    path = os.path.abspath(os.fspath(model))
-    if not os.path.isfile(path):
-        raise BadInputError(f"{path}: no such file")
-    stat = os.stat(path)
-    return path, (path, stat.st_mtime_ns, stat.st_size)
+    return _file_key(os.fspath(model))
 
 
-def _points(path: str, key: tuple) -> list[str]:
-    """Every hook point the anatomy can place in this file (worked out once per file)."""
-    if path not in _FILES or _FILES[path][0] != key:
-        model = LensModel.load(path)
-        remove_hooks(model)
-        placement = place(model.graph, model=model)
-        _FILES[path] = (key, list(placement.points), id_limits(placement.anatomy), cache_dims(path))
-    return _FILES[path][1]
+def save_points(model_path: str, out_path: str) -> int:
+    """Write the points graph of `model_path` beside it (same folder: its weight references stay
+    valid), without the points added only when named; returns the number of points."""
+    if os.path.dirname(os.path.abspath(out_path)) != os.path.dirname(os.path.abspath(model_path)):
+        raise ValueError("a points graph lives beside its model")
+    proto, outputs, _ = points_graph(model_path, on_request=False)
+    with open(out_path, "wb") as f:
+        f.write(proto.SerializeToString())
+    return len(outputs)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def id_limits(anatomy) -> tuple[int | None, int | None]:
@@ -77,37 +106,151 @@ def id_limits(anatomy) -> tuple[int | None, int | None]:
     return vocab, (shape[0] if shape else None)
 
 
-def _open(path: str, provider: str, names: list[str], copies: bool) -> tuple:
-    model = LensModel.load(path)
-    report = add_hooks(model, names, copies=copies)
-    return Runner(model, provider, label=path).session, report.outputs
+def _graph(files: ModelFiles, full: bool = False) -> tuple:
+    """(points graph, {point: output}, about) for a model: the folder's points graph when it was made
+    from this very model file (and holds what is asked for), else one built now, kept per version of
+    the file. `full`: also the points added only when named."""
+    path, key = _file_key(files.model)
+    if path in _GRAPHS and _GRAPHS[path][0] != key:
+        for old in [k for k in _SESSIONS if k[0] == path]:
+            del _SESSIONS[old]  # the file changed since
+        del _GRAPHS[path]
+    built = _GRAPHS.setdefault(path, (key, {}))[1]
+    if full not in built:
+        found = _saved(files, path) if not full else None
+        built[full] = found or points_graph(path, on_request=full)
+    return built[full]
 
 
-def run_with_cache(model, input_ids, attention_mask=None, points=None, provider: str = "CPUExecutionProvider"):
+def _saved(files: ModelFiles, path: str) -> tuple | None:
+    """The folder's points graph, if it was made from this model file."""
+    if not files.points:
+        return None
+    from ..store.safety import open_model
+
+    proto, _ = open_model(files.points)  # checked like any model before onnxruntime reads its references
+    meta = {p.key: p.value for p in proto.metadata_props}
+    try:
+        outputs, about = json.loads(meta[POINTS_KEY]), json.loads(meta[ABOUT_KEY])
+    except (KeyError, ValueError):
+        return None
+    if about.get("model") != os.path.basename(path) or about.get("sha256") != _sha256(path):
+        return None
+    return proto, outputs, about
+
+
+def _file_key(model: str) -> tuple[str, tuple]:
+    path = os.path.abspath(model)
+    if not os.path.isfile(path):
+        raise BadInputError(f"{model}: no such file")
+    stat = os.stat(path)
+    return path, (path, stat.st_mtime_ns, stat.st_size)
+
+
+# -- sessions -------------------------------------------------------------------------------------
+def points_session(model, provider: str, points, named: bool = False) -> tuple:
+    """(session, {point: graph output}, about) for the chosen points (globs; None: all but those added
+    only when named). With `named`, each point's output carries the point's name."""
+    files = resolve(model)
+    proto, outputs, about = _graph(files)
+    names = select(list(outputs) + about["left_out"], points)
+    if any(n not in outputs for n in names):
+        proto, outputs, about = _graph(files, full=True)
+    key = (os.path.abspath(files.model), provider, tuple(names), named)
+    if key not in _SESSIONS:
+        if named or len(names) < len(outputs):
+            proto, held = _cut(proto, about["outputs"], {n: outputs[n] for n in names}, named)
+        else:
+            held = dict(outputs)
+        runner = Runner(proto, provider, label=files.given, cache_dims=about["cache_dims"], data_folder=files.folder,
+                        optimization=OPTIMIZATION)
+        _SESSIONS[key] = (runner.session, held, about)
+    return _SESSIONS[key]
+
+
+def session(model, provider: str = "CPUExecutionProvider", points=None):
+    """The onnxruntime session for a model with the chosen hook outputs (globs; None: all), each
+    output named as its point."""
+    return points_session(model, provider, points, named=True)[0]
+
+
+def _cut(proto: onnx.ModelProto, own: list[str], held: dict[str, str], named: bool) -> tuple:
+    """The points graph with only the model's own outputs and the held points': every node that feeds
+    neither is dropped. With `named`, a point held in a tensor of another name gets an Identity
+    output under its own name."""
+    cut = onnx.ModelProto()
+    cut.CopyFrom(proto)
+    graph = cut.graph
+    types = {v.name: v for v in graph.output}
+    if named:
+        for point, out in held.items():
+            if out != point:
+                graph.node.append(onnx.helper.make_node("Identity", [out], [point], name=point))
+                types[point] = onnx.ValueInfoProto()
+                types[point].CopyFrom(types[out])
+                types[point].name = point
+        held = {p: p for p in held}
+    keep = list(own) + [o for o in dict.fromkeys(held.values()) if o not in own]
+    del graph.output[:]
+    graph.output.extend(types[o] for o in keep)
+    producers = {out: node for node in graph.node for out in node.output}
+    needed, stack, live = set(), list(keep), set()
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        node = producers.get(name)
+        if node is not None and id(node) not in live:
+            live.add(id(node))
+            stack.extend(i for i in node.input if i)
+            for attr in node.attribute:  # a subgraph reads names of the outer graph
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    stack.extend(i for n in sub.node for i in n.input if i)
+    order = [n for n in graph.node if id(n) in live]
+    del graph.node[:]
+    graph.node.extend(order)
+    kept = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return cut, held
+
+
+# -- run_with_cache ---------------------------------------------------------------------------------
+def run_with_cache(model, tokens, attention_mask=None, points=None, provider: str = "CPUExecutionProvider",
+                   prepend_bos: bool | None = None, padding_side: str = "right"):
     """Logits and an ActivationCache (a dict of hook-point activations, numpy, named as TransformerLens
     names them, with TransformerLens's cache helpers).
 
-    `model` is a path or an onnxruntime InferenceSession; `input_ids` is [batch, pos] (or
-    [pos]); `points` are globs over the hook names (None: every point; []: none). A graph
-    with a KV cache runs its first step: the past is empty.
+    `model` is a folder `lensgraph convert` wrote, an onnxruntime-genai folder, an ONNX file or an
+    onnxruntime InferenceSession. `tokens` is text (a string, or a list of strings padded on the right
+    as TransformerLens pads them, with the mask zeroing the pads; BOS prepended unless `prepend_bos`
+    is False) or token ids, [batch, pos] or [pos]. `points` are globs over the hook names (None: every
+    point; []: none). A graph with a KV cache runs its first step: the past is empty.
     """
     import onnxruntime as ort
 
+    if padding_side != "right":
+        raise BadInputError("run_with_cache pads on the right: the exported graph takes each position from its "
+                            "place in the sequence, not from the mask, so left padding would shift them")
     if isinstance(model, ort.InferenceSession):
-        sess, path = model, None
-        limits, dims_known = (None, None), {}
+        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
+            raise BadInputError("text needs a model folder's tokenizer: give the folder, not a session")
+        sess, limits, dims_known, ids, mask = model, (None, None), {}, tokens, attention_mask
         outputs = [o.name for o in sess.get_outputs()]
         held = {n: n for n in select([n for n in outputs if is_point(n)], points)}
     else:
-        sess, held = _session(model, provider, points, copies=False)
-        path = file_key(model)[0]
-        _, _, limits, dims_known = _FILES[path]
+        given = prompt(model, tokens, prepend_bos)
+        ids, mask = given.ids, attention_mask if attention_mask is not None else given.attention_mask
+        sess, held, about = points_session(model, provider, points)
+        limits, dims_known = tuple(about["limits"]), about["cache_dims"]
         outputs = [o.name for o in sess.get_outputs()]
     logits = "logits" if "logits" in outputs else outputs[0]
     fetch = [logits] + [n for n in dict.fromkeys(held.values()) if n != logits]
-    feeds = model_feeds(sess.get_inputs(), token_ids(input_ids, *limits), attention_mask, dims_known)
+    feeds = model_feeds(sess.get_inputs(), token_ids(ids, *limits), mask, dims_known)
     values = dict(zip(fetch, _run(sess, fetch, feeds)))
-    return values[logits], ActivationCache({point: values[out] for point, out in held.items()}, path)
+    return values[logits], ActivationCache({point: values[out] for point, out in held.items()},
+                                           None if isinstance(model, ort.InferenceSession) else resolve(model).model)
 
 
 def _run(sess, names: list[str], feeds: dict) -> list[np.ndarray]:

@@ -57,6 +57,7 @@ class HookReport:
     unplaced: dict[str, str] = field(default_factory=dict)  # wanted but not placeable, with the reason
     removed: int = 0  # hook outputs from an earlier run that were replaced
     outputs: dict[str, str] = field(default_factory=dict)  # point -> the graph output holding it
+    placement: Placement | None = field(default=None, repr=False, compare=False)  # where every point was found
 
     def to_dict(self) -> dict:
         return {"added": self.added, "unplaced": self.unplaced, "removed": self.removed}
@@ -95,13 +96,16 @@ def remove_hooks(model: LensModel) -> int:
     return len(hooks)
 
 
-def add_hooks(model: LensModel, points: list[str] | None = None, copies: bool = True) -> HookReport:
+def add_hooks(model: LensModel, points: list[str] | None = None, copies: bool = True,
+              placement: Placement | None = None) -> HookReport:
     """Add graph outputs at the chosen hook points (globs; default: every point placeable).
 
     With `copies=False` (a model that is run, never saved) a point that is a tensor of the
-    graph as it stands is that tensor's own output rather than a named copy."""
+    graph as it stands is that tensor's own output rather than a named copy. `placement` is
+    the model's, when the caller has already placed the points on it (without hooks)."""
     report = HookReport(removed=remove_hooks(model))
-    placement: Placement = place(model.graph, model=model)
+    placement = placement if placement is not None and not report.removed else place(model.graph, model=model)
+    report.placement = placement
     wanted = select(placement.names, points)
     builder = _Builder(model, placement, copies)
     for name in wanted:

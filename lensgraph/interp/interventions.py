@@ -391,7 +391,7 @@ def _means(model, provider, changes: dict, ids, attention_mask) -> dict:
     return out
 
 
-def resolve(model, interventions) -> dict[str, list[Intervention]]:
+def changes_for(model, interventions) -> dict[str, list[Intervention]]:
     """{point: its interventions} for the points each intervention's name or glob matches."""
     return _prepare_changes(_facts(model)[2], interventions)
 

@@ -26,6 +26,7 @@ from ..graph.linear import linear_producing
 from ..graph.sublayers import mlp_branches
 from ..graph.stream import TABLE_PATH_OPS
 from ..store.model import LensModel
+from ..store.resolve import resolve
 from ..store.weights import LinearWeights
 
 
@@ -40,7 +41,7 @@ class TLWeights(dict):
 def tl_weights(model, names: str | list[str] | None = None) -> TLWeights:
     """The weights of `model` (a path or a LensModel) by TransformerLens name; `names`: globs to keep."""
     if isinstance(model, (str, os.PathLike)):
-        model = LensModel.load(model)
+        model = LensModel.load(resolve(model).model)
     elif not isinstance(model, LensModel):
         raise BadInputError(f"model must be a path or a LensModel, not {type(model).__name__}")
     anatomy = analyse(model.graph)

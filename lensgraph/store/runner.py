@@ -26,11 +26,13 @@ class Runner:
     """An onnxruntime session over a path, bytes, a ModelProto or a LensModel.
 
     A path is opened through safety.py first: onnxruntime never sees a file that would
-    read external data from outside its folder.
+    read external data from outside its folder. A ModelProto whose weights are references (a
+    graph made from a checked skeleton) reads them from `data_folder`, its model's folder.
     """
 
     def __init__(self, model, provider: str = "CPUExecutionProvider", label: str | None = None,
-                 cache_dims: dict | None = None, few_runs: bool = False, threads: int | None = None):
+                 cache_dims: dict | None = None, few_runs: bool = False, data_folder: str | None = None,
+                 optimization: str | None = None, threads: int | None = None):
         import onnxruntime as ort
 
         self._tmp = None
@@ -44,6 +46,10 @@ class Runner:
             options.intra_op_num_threads = threads
         if few_runs:  # a check runs a few small batches: re-laying the weights out for speed costs more (3x the load)
             options.add_session_config_entry("session.disable_prepacking", "1")
+        if data_folder is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", data_folder)
+        if optimization is not None:  # a member of onnxruntime.GraphOptimizationLevel (default: all)
+            options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
         ort.set_default_logger_severity(runtime_log_level())
         available = ort.get_available_providers()
         if provider not in available:
