@@ -268,6 +268,10 @@ def verify_folder(folder, tolerance: float | None = None, provider: str = "CPUEx
     if record is None or "export" not in record:
         raise BadInputError(f"{files.given}: has no lensgraph.json from `lensgraph convert` saying what it was made "
                             f"from; give the original as well: lensgraph verify ORIGINAL.onnx {files.given}")
+    if "steer" in record:
+        raise BadInputError(f"{files.given}: was steered (lensgraph.json's steer entry), so by design it is not "
+                            f"equivalent to its source; `lensgraph steer` checked it before writing. Verify the folder "
+                            f"it was steered from: {record['steer'].get('source', 'the source')}")
     if files.export:
         result = verify(files.export, files.model, tolerance=tolerance, provider=provider, progress=progress)
         result.against = f"the unprocessed export kept in {os.path.join(files.given, EXPORT)}"

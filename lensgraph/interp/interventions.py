@@ -26,12 +26,13 @@ import onnx_ir as ir
 from ..errors import BadInputError
 from ..graph.hookpoints import place
 from ..graph.unfuse import unfuse_skip_norms
-from ..store.folder import model_in
+from ..store.resolve import resolve
 from ..store.model import LensModel
 from ..store.runner import Runner, cache_dims
 from .activation_cache import ActivationCache
-from .cache import file_key, id_limits, model_feeds, token_ids
+from .cache import OPTIMIZATION, file_key, id_limits, model_feeds, token_ids
 from .hooks import remove_hooks, select
+from .tokens import prompt
 from .intervene import Site, compile_points, freeze, input_name, piece, rebind, segments
 
 _BASES: dict[str, tuple] = {}  # path -> (file key, the model without hooks, its placement)
@@ -224,7 +225,7 @@ class _Engine:
         self.cache = list(cache)
         self.pieces = []
         for piece in segments(proto, self.hooked):
-            session = Runner(piece.proto, provider, label=path).session
+            session = Runner(piece.proto, provider, label=path, optimization=OPTIMIZATION).session
             overridable = {o.name for o in session.get_overridable_initializers()}
             inputs = [i for i in session.get_inputs() if i.name not in piece.replaced]
             self.pieces.append((session, piece, inputs, overridable))
@@ -261,9 +262,7 @@ def _fresh(path: str, key: tuple) -> tuple[LensModel, object]:
 
 def _facts(model):
     """(path, file key, every point's name, the placed points, id limits, KV-cache head sizes)."""
-    if not isinstance(model, (str, os.PathLike)):
-        raise BadInputError(f"model must be a path to an ONNX file or a model folder, not {type(model).__name__}")
-    path, key = file_key(model_in(os.fspath(model))[0])
+    path, key = file_key(resolve(model).model)
     base, placement = _base(path, key)
     if path not in _CACHE_DIMS or _CACHE_DIMS[path][0] != key:
         _CACHE_DIMS[path] = (key, cache_dims(path))
@@ -277,7 +276,7 @@ def _measure_dims(path: str, key: tuple, provider: str, sites: dict[str, Site], 
     todo = [s for s in unknown if (key, s.point) not in _DIMS]
     if todo:
         part = piece(proto, list(dict.fromkeys(s.view for s in todo)))
-        session = Runner(part.proto, provider, label=path).session
+        session = Runner(part.proto, provider, label=path, optimization=OPTIMIZATION).session
         ids = np.zeros((1, 2), np.int64)
         values = dict(zip(part.outputs, session.run(part.outputs, model_feeds(session.get_inputs(), ids, None,
                                                                                _facts(path)[5]))))
@@ -343,11 +342,10 @@ def _match(names: list[str], what, kind: str) -> list[str]:
     return hits
 
 
-def _prepare(model, input_ids, fwd_hooks, interventions, points):
-    if not isinstance(model, (str, os.PathLike)):
-        raise BadInputError(f"model must be a path to an ONNX file, not {type(model).__name__}")
+def _prepare(model, input_ids, fwd_hooks, interventions, points, prepend_bos=None):
     path, key, names, placed, limits, dims_known = _facts(model)
-    ids = token_ids(input_ids, *limits)
+    given = prompt(model, input_ids, prepend_bos)
+    ids = token_ids(given.ids, *limits)
     hooks: dict[str, list] = {}
     for entry in fwd_hooks or []:
         if not isinstance(entry, (tuple, list)) or len(entry) != 2 or not callable(entry[1]):
@@ -359,7 +357,7 @@ def _prepare(model, input_ids, fwd_hooks, interventions, points):
     if both:
         raise BadInputError(f"{both[0]}: give a point a hook function or interventions, not both")
     cache = [] if points is None else select(placed, points)
-    return path, key, names, ids, dims_known, hooks, changes, cache
+    return path, key, names, ids, given.attention_mask, dims_known, hooks, changes, cache
 
 
 def _parts(engine: _Engine, changes: dict, ids: np.ndarray, means: dict) -> dict[str, np.ndarray]:
@@ -448,15 +446,17 @@ def means_for(model, provider: str, changes: dict, ids) -> dict:
 
 
 def run_with_hooks(model, input_ids, fwd_hooks=(), points=None, attention_mask=None, interventions=None,
-                   provider: str = "CPUExecutionProvider", sites=None):
+                   provider: str = "CPUExecutionProvider", sites=None, prepend_bos: bool | None = None):
     """The logits with hook functions changing the points they name (TransformerLens's run_with_hooks),
     and with `points` (globs), an ActivationCache of those points as the changed model computed them.
 
-    `interventions` (ablate, patch, add) may change other points in the same run; `sites` (globs)
-    names more points to compile than these change, so that calls changing different ones of them
-    share one session."""
-    path, key, names, ids, dims_known, hooks, changes, cache = _prepare(model, input_ids, fwd_hooks, interventions,
-                                                                        points)
+    `model` is a folder `lensgraph convert` wrote, an onnxruntime-genai folder or an ONNX file;
+    `input_ids` is token ids or text (as run_with_cache takes them). `interventions` (ablate, patch,
+    add) may change other points in the same run; `sites` (globs) names more points to compile
+    than these change, so that calls changing different ones of them share one session."""
+    path, key, names, ids, mask, dims_known, hooks, changes, cache = _prepare(model, input_ids, fwd_hooks,
+                                                                              interventions, points, prepend_bos)
+    attention_mask = mask if attention_mask is None else attention_mask
     extra = [] if sites is None else select(names, sites)
     means = _means(path, provider, changes, ids, attention_mask)
     engine = _engine(path, key, provider, sorted(set(hooks) | set(changes) | set(extra)), sorted(hooks), cache)
@@ -465,7 +465,7 @@ def run_with_hooks(model, input_ids, fwd_hooks=(), points=None, attention_mask=N
 
 
 def run_with_interventions(model, input_ids, interventions, points=None, attention_mask=None,
-                           provider: str = "CPUExecutionProvider", sites=None):
+                           provider: str = "CPUExecutionProvider", sites=None, prepend_bos: bool | None = None):
     """The logits under declarative interventions (ablate, patch, add), in one forward; with `points`,
-    also an ActivationCache of those points (see run_with_hooks for `sites`)."""
-    return run_with_hooks(model, input_ids, (), points, attention_mask, interventions, provider, sites)
+    also an ActivationCache of those points (see run_with_hooks for `sites` and the inputs)."""
+    return run_with_hooks(model, input_ids, (), points, attention_mask, interventions, provider, sites, prepend_bos)

@@ -27,7 +27,8 @@ import numpy as np
 from ..errors import BadInputError, VerificationError
 from ..graph.hookpoints import place
 from ..graph.unfuse import unfuse_skip_norms
-from ..store.folder import RECORD, StagedFolder, model_in
+from ..store.folder import RECORD, StagedFolder
+from ..store.resolve import POINTS, resolve
 from ..store.model import LensModel
 from ..store.runner import Runner
 from ..verify import verify as verify_models
@@ -136,8 +137,9 @@ def steer(source, output, additions: dict | list = (), control_vectors=(), layer
     """Write SOURCE with the vectors added at their points to OUTPUT (a file for a file, a folder for a
     folder), checked first; returns the report. `additions`: {point: vector} or [(point, vector,
     coeff)]; `control_vectors`: [(gguf file, scale)]."""
-    source, output = os.fspath(source), os.fspath(output)
-    path, folder = model_in(source)
+    files = resolve(source)
+    source, output, path = files.given, os.fspath(output), files.model
+    folder = os.path.isdir(source)
     total = _total(additions, control_vectors, layer_range)
     if not total:
         raise BadInputError("nothing to add: give --add POINT=FILE[*COEFF] or a control vector")
@@ -244,8 +246,14 @@ def _write_folder(source: str, path: str, output: str, steered: LensModel, repor
     try:
         skip = {os.path.realpath(path)} | {os.path.realpath(os.path.join(os.path.dirname(path), n))
                                             for n in data_files_of(path)} | {os.path.realpath(os.path.join(source, RECORD))}
-        staged.copy_from(source, skip)
-        steered.save(os.path.join(staged.path, os.path.basename(path)), external_data=steered.external_input or None)
+        points = os.path.join(source, POINTS)
+        staged.copy_from(source, skip | {os.path.realpath(points)})
+        inner = os.path.join(staged.path, os.path.basename(path))
+        steered.save(inner, external_data=steered.external_input or None)
+        if os.path.isfile(points):  # the points graph reads the model's weights: made again for the new model
+            from .cache import save_points
+
+            save_points(inner, os.path.join(staged.path, POINTS))
         record = {}
         try:
             with open(os.path.join(source, RECORD)) as f:
@@ -264,7 +272,8 @@ def steering_vector(model, positive_prompts, negative_prompts, point: str, posit
                     provider: str = "CPUExecutionProvider") -> np.ndarray:
     """Contrastive mean difference (ActAdd / contrastive activation addition): the mean of the point's
     activation over the positive prompts minus that over the negative ones, at each prompt's last
-    token (`position="last"`) or averaged over its tokens ("mean"). Prompts are token-id lists."""
+    token (`position="last"`) or averaged over its tokens ("mean"). Prompts are text (with a model
+    folder's tokenizer, BOS first as run_with_cache does) or token-id lists."""
     from .cache import run_with_cache
 
     if position not in ("last", "mean"):
@@ -275,8 +284,7 @@ def steering_vector(model, positive_prompts, negative_prompts, point: str, posit
             raise BadInputError(f"give at least one {which} prompt")
         rows = []
         for ids in prompts:
-            _, cache = run_with_cache(model, np.asarray(ids)[None, :] if np.ndim(ids) == 1 else ids, points=[point],
-                                      provider=provider)
+            _, cache = run_with_cache(model, ids, points=[point], provider=provider)
             act = cache[point].astype(np.float64)
             if act.ndim != 3:
                 raise BadInputError(f"{point}: a steering vector is made at a [batch, pos, d] point")

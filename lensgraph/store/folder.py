@@ -41,21 +41,6 @@ def model_file(folder: str) -> str:
     return path
 
 
-def model_in(path: str) -> tuple[str, bool]:
-    """(the model file, whether `path` is a folder): a model file, an onnxruntime-genai folder (its
-    genai_config.json names the model), or a folder holding model.onnx (as `lensgraph convert` writes)."""
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, CONFIG)):
-            return model_file(path), True
-        if os.path.isfile(os.path.join(path, "model.onnx")):
-            return os.path.join(path, "model.onnx"), True
-        raise BadInputError(f"{path}: is a folder with neither {CONFIG} nor model.onnx; give a model file, an "
-                            "onnxruntime-genai folder or a folder lensgraph convert wrote")
-    if not os.path.isfile(path):
-        raise BadInputError(f"{path}: no such file or folder")
-    return path, False
-
-
 class StagedFolder:
     """The output folder being built beside its target; `commit` puts it in place."""
 
