@@ -94,13 +94,8 @@ def test_the_gguf_extra_installs_what_converting_a_gguf_file_needs(folders, tmp_
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 2, done.stderr
 
 
-def test_the_genai_extra_runs_an_onnxruntime_genai_folder(tmp_path):
-    from onnxruntime_genai.models.builder import create_model, parse_extra_options
-    from test_genai import _checkpoint
-
-    ckpt = _checkpoint(tmp_path / "hf", "llama")
-    args = ("", ckpt, str(tmp_path / "genai"), "fp32", "cpu", str(tmp_path / "cache"))
-    create_model(*args, **parse_extra_options(*args, []))
+def test_the_genai_extra_runs_an_onnxruntime_genai_folder(genai, tmp_path):
+    folder = genai("llama")
     python = fresh_venv(tmp_path / "venv", {"genai"})
-    done = run(python, ["generate", tmp_path / "genai", "--prompt", "the quick brown", "-n", "3"])
+    done = run(python, ["generate", folder, "--prompt", "the quick brown", "-n", "3"])
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 2, done.stderr
