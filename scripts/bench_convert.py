@@ -83,7 +83,7 @@ def convert_variants(folder: str, family: str, out: str, dynamo: bool, before: s
     variants["lensgraph convert (torchscript, verified)"] = [LENSGRAPH, "-q", "convert", folder, "-o", out + "-ts"]
     if before:
         variants[f"lensgraph convert, code in {before}"] = [
-            "env", f"PYTHONPATH={before}", sys.executable, "-c", "import sys; from lensgraph.cli import main; "
+            "env", f"PYTHONPATH={before}", sys.executable, "-P", "-c", "import sys; from lensgraph.cli import main; "
             f"sys.exit(main(['-q', 'convert', {folder!r}, '-o', {out + '-before'!r}]))"]
     if family == "llama":
         variants["lensgraph convert --exporter genai (verified)"] = [LENSGRAPH, "-q", "convert", folder, "-o",
@@ -206,7 +206,7 @@ def startup(args) -> None:
         variants[f"lensgraph {name} (gpt2-small)"] = [LENSGRAPH, *argv]
         if args.before:
             variants[f"lensgraph {name}, code in {args.before}"] = [
-                "env", f"PYTHONPATH={args.before}", sys.executable, "-c",
+                "env", f"PYTHONPATH={args.before}", sys.executable, "-P", "-c",
                 f"import sys; from lensgraph.cli import main; sys.exit(main({argv!r}))"]
     results = summary(rounds(variants, args.startup_rounds))
     code = benchlib.timed(f"import onnxruntime\nimport lensgraph.process\nimport lensgraph\n#--\nlensgraph.process({os.path.join(raw, 'model.onnx')!r}, "
