@@ -109,7 +109,7 @@ def summary(runs: dict) -> dict:
 
 def spread(runs: list) -> str:
     times = sorted(s for s, _ in runs)
-    return f"best {times[0]:.1f} s, spread {times[0]:.1f}-{times[-1]:.1f} s"
+    return f"best {times[0]:.1f} s, spread {times[0]:.1f}-{times[-1]:.1f} s; rounds {', '.join(f'{s:.1f}' for s, _ in runs)}"
 
 
 def main(argv=None) -> None:
