@@ -121,7 +121,8 @@ def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bo
     step("export")
     notes = []
     exported = os.path.join(raw, MODEL)
-    info, reference = _export_checked(source, loaded, exported, exporter, with_cache, dtype, verify, notes, verbose)
+    info, reference = _export_checked(source, loaded, exported, exporter, with_cache, dtype,
+                                      verify and bool(manager.passes), notes, verbose)
     if generation is not None:  # the end tokens generate stops at
         generation.to_json_file(os.path.join(staged.path, GENERATION_CONFIG))
     if tokenizer is not None:
@@ -145,16 +146,16 @@ def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bo
 
 def _export_checked(source, holder: list, path: str, exporter: str, with_cache: bool | None, dtype: str, verify: bool,
                     notes: list, verbose):
-    """Export `model` to `path` (a KV-cache graph where it exports exactly, else a plain one, and
-    with dynamo where TorchScript fails and the choice was ours) and check it against torch.
+    """Export the torch model, `holder`'s one item and its only reference, to `path` (a KV-cache
+    graph where it exports exactly, else a plain one, and with dynamo where TorchScript fails and
+    the choice was ours) and check it against torch.
 
-    The check's torch half runs first; then the torch model (`holder`'s one item, its only
-    reference) is released and the export is
-    loaded once in onnxruntime, for the check's other half and for verification's reference
-    (the unprocessed export's logits): one copy of the weights in memory at a time. A graph that
-    fails the check is followed by the next kind, from the source loaded again. Returns the
-    export's info and the reference (None without verification)."""
-    from .export import ExportError, ExportInputError, export_model, weight_bytes
+    The check's torch half runs first; then the torch model is released and the export loaded
+    once in onnxruntime, for the check's other half and for verification's reference (the
+    unprocessed export's logits): one copy of the weights in memory at a time. A graph that fails
+    the check is followed by the next kind, from the source loaded again. Returns the export's
+    info and the reference (None where nothing will be verified)."""
+    from .export import ExportError, ExportInputError, export_model, load_hf_model, weight_bytes
     from .store.runner import Runner
     from .verify import reference
 
@@ -169,7 +170,7 @@ def _export_checked(source, holder: list, path: str, exporter: str, with_cache: 
     for kind, kv in attempts:
         try:
             if not holder:  # released by the attempt before: load the source again
-                holder.append(_reload(source, dtype, verbose))
+                holder.append(load_hf_model(source, dtype=dtype, verbose=verbose))
             info = export_model(holder[0], path, exporter=kind, verbose=verbose, cache=kv, external_data=external,
                                 check="later")
             holder.clear()
@@ -191,12 +192,6 @@ def _export_checked(source, holder: list, path: str, exporter: str, with_cache: 
             else:
                 notes.append(f"the TorchScript export failed ({exc}); exported with dynamo")
     raise AssertionError("unreachable: the last attempt raises")
-
-
-def _reload(source, dtype: str, verbose):
-    from .export import load_hf_model
-
-    return load_hf_model(source, dtype=dtype, verbose=verbose)
 
 
 def _points(folder: str, notes: list) -> int:
