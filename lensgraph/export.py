@@ -478,7 +478,7 @@ class PendingCheck:
         self.name, self.exporter, self.dtype, self.verbose = name, exporter, dtype, verbose
         ids, mask = _check_inputs(vocab)
         self.feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-        with torch.no_grad():
+        with _quiet(verbose), torch.no_grad():
             if not cache:  # a KV-cache graph gets an empty cache, as at the first step of generation
                 self.expected = wrapper(ids, mask).float().numpy()
             else:
