@@ -23,6 +23,7 @@ has none, with a note, and `generate` runs the whole sequence for each new token
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -106,54 +107,30 @@ def convert(source, out_dir, passes=DEFAULT_PIPELINE, exporter: str = "auto", wi
 def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bool | None, hooks, verify: bool,
             dtype: str, keep_export: bool, step, verbose) -> dict:
     try:
-        from .export import ExportError, export_model, load_hf_model, load_tokenizer, weight_bytes
+        from .export import load_hf_model, load_tokenizer
     except ModuleNotFoundError as exc:
         raise missing_extra(exc.name, "lensgraph convert") from None
     from .process import process
 
     step("load")
-    model = load_hf_model(source, dtype=dtype, verbose=verbose)
+    loaded = [load_hf_model(source, dtype=dtype, verbose=verbose)]  # the one reference: released after the export
     tokenizer = load_tokenizer(source)
+    generation = getattr(loaded[0], "generation_config", None)
     raw = os.path.join(staged.path, EXPORT)
     os.mkdir(raw)
     step("export")
     notes = []
-    chosen = "torchscript" if exporter == "auto" else exporter
-    cache = with_cache if with_cache is not None else chosen == "torchscript"
-    external = weight_bytes(model) > EXTERNAL_ABOVE or None  # None: export's own limit decides
-    info = None
-    if cache:
-        try:
-            info = export_model(model, os.path.join(raw, MODEL), exporter=chosen, verbose=verbose, cache=True,
-                                external_data=external)
-        except ExportError as exc:
-            if with_cache:
-                raise
-            notes.append(f"no KV cache: its export failed ({exc}); generate runs the whole sequence for each token")
-    elif with_cache is None:
-        notes.append(f"no KV cache: the {chosen} exporter cannot trace one; generate runs the whole sequence for "
-                     "each token")
-    if info is None:
-        try:
-            info = export_model(model, os.path.join(raw, MODEL), exporter=chosen, verbose=verbose,
-                                external_data=external)
-        except ExportError as exc:
-            if exporter != "auto":
-                raise
-            notes.append(f"the TorchScript export failed ({exc}); exported with dynamo")
-            info = export_model(model, os.path.join(raw, MODEL), exporter="dynamo", verbose=verbose,
-                                external_data=external)
-    generation = getattr(model, "generation_config", None)
-    del model  # processing and verification need the memory
+    exported = os.path.join(raw, MODEL)
+    info, reference = _export_checked(source, loaded, exported, exporter, with_cache, dtype,
+                                      verify and bool(manager.passes), notes, verbose)
     if generation is not None:  # the end tokens generate stops at
         generation.to_json_file(os.path.join(staged.path, GENERATION_CONFIG))
     if tokenizer is not None:
         tokenizer.save_pretrained(staged.path)
     else:
         notes.append(f"{source}: no tokenizer found, so none was written")
-    exported = os.path.join(raw, MODEL)
     report = process(exported, os.path.join(staged.path, MODEL), passes=manager, verify=verify,
-                     progress=step) if manager.passes else _unprocessed(exported, manager)
+                     progress=step, reference=reference) if manager.passes else _unprocessed(exported, manager)
     if not report["written"]:  # nothing to do or nothing changed: the export itself is the model
         _move_contents(raw, staged.path)
         report["data_file"] = info.get("data_file")
@@ -165,6 +142,56 @@ def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bo
     report["export"] = {k: v for k, v in info.items() if k not in ("out_path", "data_file")}
     report["notes"] = notes + report.get("notes", [])
     return report
+
+
+def _export_checked(source, holder: list, path: str, exporter: str, with_cache: bool | None, dtype: str, verify: bool,
+                    notes: list, verbose):
+    """Export the torch model, `holder`'s one item and its only reference, to `path` (a KV-cache
+    graph where it exports exactly, else a plain one, and with dynamo where TorchScript fails and
+    the choice was ours) and check it against torch.
+
+    The check's torch half runs first; then the torch model is released and the export loaded
+    once in onnxruntime, for the check's other half and for verification's reference (the
+    unprocessed export's logits): one copy of the weights in memory at a time. A graph that fails
+    the check is followed by the next kind, from the source loaded again. Returns the export's
+    info and the reference (None where nothing will be verified)."""
+    from .export import ExportError, ExportInputError, export_model, load_hf_model, weight_bytes
+    from .store.runner import Runner
+    from .verify import reference
+
+    chosen = "torchscript" if exporter == "auto" else exporter
+    cache = with_cache if with_cache is not None else chosen == "torchscript"
+    if not cache and with_cache is None:
+        notes.append(f"no KV cache: the {chosen} exporter cannot trace one; generate runs the whole sequence for "
+                     "each token")
+    attempts = ([(chosen, True)] if cache else []) + [(chosen, False)] + \
+        ([("dynamo", False)] if exporter == "auto" and chosen != "dynamo" else [])
+    external = weight_bytes(holder[0]) > EXTERNAL_ABOVE or None  # None: export's own limit decides
+    for kind, kv in attempts:
+        try:
+            if not holder:  # released by the attempt before: load the source again
+                holder.append(load_hf_model(source, dtype=dtype, verbose=verbose))
+            info = export_model(holder[0], path, exporter=kind, verbose=verbose, cache=kv, external_data=external,
+                                check="later")
+            holder.clear()
+            gc.collect()  # the model's reference cycles (transformers', the trace's) hold its weights
+            try:
+                runner = Runner(path, few_runs=True)
+            except LensError as exc:
+                raise ExportError(f"onnxruntime could not load the exported graph ({exc})") from None
+            info["max_abs_diff"] = info.pop("check").run(runner)
+            return info, reference(runner) if verify else None
+        except ExportError as exc:
+            if isinstance(exc, ExportInputError) or (kv and with_cache) or (not kv and exporter != "auto") \
+                    or kind == "dynamo":
+                raise
+            for name in os.listdir(os.path.dirname(path)):  # the failed export and its data
+                os.remove(os.path.join(os.path.dirname(path), name))
+            if kv:
+                notes.append(f"no KV cache: its export failed ({exc}); generate runs the whole sequence for each token")
+            else:
+                notes.append(f"the TorchScript export failed ({exc}); exported with dynamo")
+    raise AssertionError("unreachable: the last attempt raises")
 
 
 def _points(folder: str, notes: list) -> int:

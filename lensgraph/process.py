@@ -30,12 +30,14 @@ def process(
     tolerance: float | None = None,
     progress=None,
     in_place: bool = False,
+    reference=None,
 ) -> dict:
     """Rewrite `src` into `dst` with `passes` (default: TransformerLens's pipeline); return the report.
 
     The output appears complete or not at all (see store/atomic.py); `src` and its data are never
     modified, unless `in_place` asks to replace them. A graph that is not a transformer is
-    left alone: the report says "nothing to rewrite" and nothing is written.
+    left alone: the report says "nothing to rewrite" and nothing is written. `reference`: the
+    original's logits on verification's inputs, already computed from `src` (verify.reference).
     """
     start = time.perf_counter()
     _check_arguments(src, dst, verify, tolerance, provider)
@@ -89,7 +91,7 @@ def process(
     del model  # the rewritten weights are on disk now; verification needs the memory
     with staged:
         if verify and changed:  # check the very files that will be published, one model at a time
-            result = verify_models(src, staged.staged_path, provider=provider, tolerance=tolerance,
+            result = verify_models(src if reference is None else reference, staged.staged_path, provider=provider, tolerance=tolerance,
                                    label_b=f"{dst} (as written)", progress=progress)
             report["verification"] = result.to_dict()
             if not result.ok:

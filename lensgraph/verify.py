@@ -62,6 +62,29 @@ def centred(logits: np.ndarray) -> np.ndarray:
     return x - x.mean(axis=-1, keepdims=True)
 
 
+@dataclass
+class Reference:
+    """The original model's logits on verification's inputs: computed once, from a model file or
+    from a Runner already open on it (convert's export check), and compared later."""
+    label: str
+    output: str
+    runs: list  # (feeds, logits) per shape
+    shapes: tuple
+    provider: str
+
+
+def reference(original, shapes=DEFAULT_SHAPES, provider: str = "CPUExecutionProvider", seed: int = 0) -> Reference:
+    """`original`'s logits on `shapes` with token ids drawn from its vocabulary (see `verify`)."""
+    a = original if isinstance(original, Runner) else Runner(original, provider, few_runs=True)
+    vocab = a.vocab_size()
+    rng = np.random.default_rng(seed)
+    runs = []
+    for batch, seq in shapes:
+        feeds = a.feeds(batch, seq, vocab, rng)
+        runs.append((feeds, a.run(feeds)))
+    return Reference(a.label, a.output, runs, tuple(tuple(s) for s in shapes), provider)
+
+
 def verify(
     original,
     rewritten,
@@ -73,7 +96,7 @@ def verify(
     progress=None,
 ) -> VerifyResult:
     """Compare centred logits of two models (files, or folders holding them); ok when the worst
-    relative gap is within tolerance.
+    relative gap is within tolerance. `original` may also be a Reference computed before.
 
     The models run one after the other: the original's logits are kept (they are small)
     and its session released before the rewritten model is loaded, so memory holds one
@@ -83,15 +106,13 @@ def verify(
     original, rewritten = (resolve(m).model if isinstance(m, (str, os.PathLike)) else m for m in (original, rewritten))
     step = progress or (lambda name: None)
     step(VERIFY_STEPS[0])
-    a = original if isinstance(original, Runner) else Runner(original, provider, few_runs=True)
-    label_a, output = a.label, a.output
-    vocab = a.vocab_size()
-    rng = np.random.default_rng(seed)
-    runs = []
-    for batch, seq in shapes:
-        feeds = a.feeds(batch, seq, vocab, rng)
-        runs.append((feeds, a.run(feeds)))
-    del a
+    if isinstance(original, Reference):
+        if original.shapes != tuple(tuple(s) for s in shapes) or original.provider != provider:
+            raise BadInputError("the reference was computed on other shapes or with another provider")
+        ref = original
+    else:
+        ref = reference(original, shapes, provider, seed)
+    label_a, runs = ref.label, ref.runs
     step(VERIFY_STEPS[1])
     b = rewritten if isinstance(rewritten, Runner) else Runner(rewritten, provider, label=label_b, few_runs=True)
     worst_abs, scale, dtype, nonfinite, compared = 0.0, 0.0, None, None, 0
@@ -112,7 +133,7 @@ def verify(
     rel = worst_abs / max(scale, 1e-30)
     tol = tolerance if tolerance is not None else TOLERANCE.get(np.dtype(dtype), 1e-4)
     ok = bool(nonfinite is None and np.isfinite(rel) and rel <= tol)
-    return VerifyResult(ok, rel, worst_abs, tol, scale, [list(s) for s in shapes], provider, output, nonfinite)
+    return VerifyResult(ok, rel, worst_abs, tol, scale, [list(s) for s in shapes], provider, ref.output, nonfinite)
 
 
 def _nonfinite_difference(a: np.ndarray, b: np.ndarray) -> str | None:

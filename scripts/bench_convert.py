@@ -5,6 +5,7 @@ resident memory, in interleaved rounds; and the CLI's start-up.
 
     python scripts/bench_convert.py [--models gpt2-small,smollm2] [--rounds 2] [--dynamo] [--startup-rounds 5]
     python scripts/bench_convert.py --models '' --startup-rounds 0 --cache-choice [--rounds 2]
+    python scripts/bench_convert.py --before /tmp/before [--rounds 3]   # another checkout beside this one
 
 gpt2-small: GPT-2 small's shape (124M parameters, random weights, randomised norms); smollm2:
 SmolLM2-135M-Instruct's real weights as a safetensors folder, made once from the GGUF file of the
@@ -12,7 +13,9 @@ SmolLM2-135M-Instruct's real weights as a safetensors folder, made once from the
 `TransformerBridge.boot_transformers(folder)` then `enable_compatibility_mode()`, which processes
 the weights as lensgraph's default pipeline does (the baseline of every ratio). The onnxruntime-genai
 builder is measured on the LLaMA-family model only (it has no GPT-2); dynamo only with --dynamo
-(two minutes and more at this size).
+(two minutes and more at this size). --before DIR adds `lensgraph convert` run from the
+source tree DIR (e.g. `git archive main | tar -x -C DIR`, plus a `lensgraph/passes` link to
+`../passes`) in the same rounds, so that a change is measured against the code before it.
 
 --cache-choice measures, on SmolLM2, what a folder that can generate costs: one KV-cache graph that
 also serves the analyses with an empty past (convert's default), against a plain graph (--no-cache)
@@ -74,10 +77,14 @@ def float32_mib(folder: str) -> float:
     return n * 4 / 2**20, config.get("model_type")
 
 
-def convert_variants(folder: str, family: str, out: str, dynamo: bool) -> dict:
+def convert_variants(folder: str, family: str, out: str, dynamo: bool, before: str | None = None) -> dict:
     variants = {"TransformerLens 4.3 boot + compatibility mode (baseline)":
                 [sys.executable, "-c", TL.format(folder=folder)]}
     variants["lensgraph convert (torchscript, verified)"] = [LENSGRAPH, "-q", "convert", folder, "-o", out + "-ts"]
+    if before:
+        variants[f"lensgraph convert, code in {before}"] = [
+            "env", f"PYTHONPATH={before}", sys.executable, "-P", "-c", "import sys; from lensgraph.cli import main; "
+            f"sys.exit(main(['-q', 'convert', {folder!r}, '-o', {out + '-before'!r}]))"]
     if family == "llama":
         variants["lensgraph convert --exporter genai (verified)"] = [LENSGRAPH, "-q", "convert", folder, "-o",
                                                                      out + "-genai", "--exporter", "genai"]
@@ -92,7 +99,17 @@ def rounds(variants: dict, n: int) -> dict:
     for _ in range(n):
         for name, argv in variants.items():
             got[name].append(command(argv))
-    return {name: (statistics.median(s for s, _ in runs), max(m for _, m in runs)) for name, runs in got.items()}
+    return got
+
+
+def summary(runs: dict) -> dict:
+    """name -> (median seconds, highest peak MiB)."""
+    return {name: (statistics.median(s for s, _ in r), max(m for _, m in r)) for name, r in runs.items()}
+
+
+def spread(runs: list) -> str:
+    times = sorted(s for s, _ in runs)
+    return f"best {times[0]:.1f} s, spread {times[0]:.1f}-{times[-1]:.1f} s; rounds {', '.join(f'{s:.1f}' for s, _ in runs)}"
 
 
 def main(argv=None) -> None:
@@ -102,6 +119,7 @@ def main(argv=None) -> None:
     p.add_argument("--startup-rounds", type=int, default=5)
     p.add_argument("--dynamo", action="store_true", help="also measure the dynamo exporter (slow)")
     p.add_argument("--dir", default=os.path.join(benchlib.CACHE, "convert"))
+    p.add_argument("--before", help="also run `lensgraph convert` from this source tree, in the same rounds")
     p.add_argument("--cache-choice", action="store_true", help="measure the KV-cache layouts on SmolLM2")
     args = p.parse_args(argv)
     os.makedirs(args.dir, exist_ok=True)
@@ -110,13 +128,15 @@ def main(argv=None) -> None:
     for name in filter(None, args.models.split(",")):  # --models '': no convert comparison
         folder = folders[name]()
         mib, family = float32_mib(folder)
-        variants = convert_variants(folder, family, os.path.join(args.dir, name), args.dynamo)
-        results = rounds(variants, args.rounds)
+        variants = convert_variants(folder, family, os.path.join(args.dir, name), args.dynamo, args.before)
+        runs = rounds(variants, args.rounds)
+        results = summary(runs)
         base = results["TransformerLens 4.3 boot + compatibility mode (baseline)"][0]
         print(f"## {name} ({family}, {mib:.0f} MiB of float32 weights)")
+        best = min(s for s, _ in runs["TransformerLens 4.3 boot + compatibility mode (baseline)"])
         for variant, (seconds, peak) in results.items():
             print(f"  {variant:55s} {seconds:7.1f} s  x{seconds / base:5.2f}   peak {peak:6.0f} MiB  "
-                  f"x{peak / mib:4.2f} of the weights")
+                  f"x{peak / mib:4.2f} of the weights   ({spread(runs[variant])}; best/best x{min(s for s, _ in runs[variant]) / best:4.2f})")
     if args.cache_choice:
         cache_choice(args)
     if args.startup_rounds:
@@ -163,7 +183,7 @@ def cache_choice(args) -> None:
 
 def startup(args) -> None:
     """The CLI's whole-process start-up, and `process --no-verify --quiet` as a command beside the
-    same call in this process."""
+    same call in this process; the light commands beside reading the model's files."""
     model = os.path.join(args.dir, "gpt2-small-ts", "model.onnx")
     if not os.path.exists(model):
         subprocess.run([LENSGRAPH, "-q", "convert", gpt2_small_folder(), "-o", os.path.dirname(model)], check=True)
@@ -179,7 +199,16 @@ def startup(args) -> None:
                                                                os.path.join(raw, "model.onnx"), "-o", out,
                                                                "--no-verify"],
     }
-    results = rounds(variants, args.startup_rounds)
+    folder = os.path.dirname(model)
+    variants["reading the folder's model files (cat)"] = ["sh", "-c", f"cat {folder}/model.onnx* > /dev/null"]
+    for name, argv in (("inspect", ["inspect", model]), ("hooks --list", ["hooks", model, "--list"]),
+                       ("weights", ["weights", model])):
+        variants[f"lensgraph {name} (gpt2-small)"] = [LENSGRAPH, *argv]
+        if args.before:
+            variants[f"lensgraph {name}, code in {args.before}"] = [
+                "env", f"PYTHONPATH={args.before}", sys.executable, "-P", "-c",
+                f"import sys; from lensgraph.cli import main; sys.exit(main({argv!r}))"]
+    results = summary(rounds(variants, args.startup_rounds))
     code = benchlib.timed(f"import onnxruntime\nimport lensgraph.process\nimport lensgraph\n#--\nlensgraph.process({os.path.join(raw, 'model.onnx')!r}, "
                           f"{out!r}, verify=False)\n")
     inproc = statistics.median(benchlib.measure(code)["seconds"] for _ in range(args.startup_rounds))

@@ -106,9 +106,11 @@ def test_light_commands_import_nothing_heavy(argv):
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_each_command_imports_only_what_it_uses(gpt2_exports):
-    done = python("import sys\nfrom lensgraph.cli import main\nmain(['inspect', %r])\n"
-                  "print('torch' in sys.modules, 'transformers' in sys.modules)" % gpt2_exports["dynamo"])
+@pytest.mark.parametrize("argv", [["inspect"], ["hooks", "--list"], ["weights"]])
+def test_each_command_imports_only_what_it_uses(gpt2_exports, argv):
+    argv = [argv[0], gpt2_exports["dynamo"], *argv[1:]]
+    done = python("import sys\nfrom lensgraph.cli import main\nmain(%r)\n"
+                  "print('torch' in sys.modules, 'transformers' in sys.modules)" % argv)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "False False", done.stderr
     done = python("import lensgraph, sys; print([m for m in %r if m in sys.modules]); "
                   "print(lensgraph.process.__module__, lensgraph.verify.__module__)" % (HEAVY,))

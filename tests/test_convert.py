@@ -130,6 +130,19 @@ def test_convert_bad_input_writes_nothing(checkpoints, tmp_path, args, message):
     assert os.listdir(tmp_path) == []
 
 
+def test_convert_verifies_by_default_and_a_failing_verification_writes_nothing(checkpoints, tmp_path, monkeypatch):
+    """The reference is the export's logits, computed on the session that checked the export; a
+    verification that fails (here: a tolerance no rewrite meets) publishes nothing."""
+    from lensgraph.errors import VerificationError
+
+    folder, _ = checkpoints["gpt2"]
+    tolerances = importlib.import_module("lensgraph.verify").TOLERANCE  # lensgraph.verify is the function
+    monkeypatch.setitem(tolerances, np.dtype(np.float32), 0.0)
+    with pytest.raises(VerificationError, match="nothing was written"):
+        lensgraph.from_pretrained(folder, tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
 def test_convert_never_replaces_a_folder_it_did_not_write(checkpoints, tmp_path):
     folder, _ = checkpoints["gpt2"]
     mine = tmp_path / "mine"

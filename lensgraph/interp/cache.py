@@ -27,7 +27,7 @@ from ..graph import match
 from ..graph.hookpoints import place
 from ..store.model import LensModel, infer_shapes
 from ..store.resolve import ModelFiles, resolve
-from ..store.runner import FLOAT_TYPES, Runner, cache_dims, empty_past
+from ..store.runner import FLOAT_TYPES, Runner, cache_dims, config_cache_dims, empty_past, fused_cache_dims
 from .activation_cache import ActivationCache
 from .hooks import add_hooks, remove_hooks, select
 from .tokens import prompt
@@ -61,10 +61,11 @@ def points_graph(path: str, on_request: bool = True) -> tuple[onnx.ModelProto, d
     placement = place(model.graph, model=lens)
     names = list(placement.points) if on_request else select(list(placement.points), None)
     outputs = add_hooks(lens, names, copies=False, placement=placement).outputs if names else {}
+    dims = {**config_cache_dims(path), **fused_cache_dims(proto.graph)}  # cache_dims(path), without a second open
     about = {"model": os.path.basename(path), "sha256": _sha256(path), "outputs": own,
              "left_out": [n for n in placement.points if n not in outputs],
              "limits": list(id_limits(placement.anatomy)) if placement.anatomy else [None, None],
-             "cache_dims": cache_dims(path)}
+             "cache_dims": dims}
     out = ir.serde.serialize_model(model)
     for key, value in ((POINTS_KEY, outputs), (ABOUT_KEY, about)):
         entry = next((p for p in out.metadata_props if p.key == key), None) or out.metadata_props.add(key=key)

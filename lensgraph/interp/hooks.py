@@ -71,12 +71,15 @@ def select(names: list[str], patterns: list[str] | None) -> list[str]:
         patterns = [patterns]
     if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
         raise BadInputError(f"points must be a list of glob strings over hook names, got {patterns!r}")
-    chosen = []
+    chosen, known = set(), set(names)
     for pattern in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not any(c in pattern for c in "*?["):  # a plain name (convert's points graph asks for 600 of them)
+            hits = [pattern] if pattern in known else []
+        else:
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             raise BadInputError(f"no hook point matches '{pattern}' (points: {_summarise(names)})")
-        chosen += [n for n in hits if n not in chosen]
+        chosen.update(hits)
     return [n for n in names if n in chosen]
 
 

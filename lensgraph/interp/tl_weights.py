@@ -52,7 +52,7 @@ def tl_weights(model, names: str | list[str] | None = None) -> TLWeights:
 
     def table(writer):
         source, path = match.back(writer.node.inputs[writer.idx], TABLE_PATH_OPS)
-        arr = store.read(source)
+        arr = store.stored(source)
         return arr.T if sum(p.op_type == "Transpose" for p in path) % 2 else arr
 
     for writer in anatomy.writers:
@@ -76,11 +76,13 @@ def tl_weights(model, names: str | list[str] | None = None) -> TLWeights:
             _mlp(out, linear, p, layer.mlp.linear)
     _norm(out, store, "ln_final", anatomy.final_norm)
     if anatomy.unembed is not None:
-        out["unembed.W_U"], out["unembed.b_U"] = linear.weight(anatomy.unembed), linear.bias(anatomy.unembed)
+        out["unembed.W_U"], out["unembed.b_U"] = linear.weight(anatomy.unembed, stored=True), linear.bias(anatomy.unembed)
     else:
         out.missing["unembed.*"] = anatomy.unembed_blocker or "no unembedding"
     dtype = np.dtype(anatomy.unembed.source.dtype.numpy()) if anatomy.unembed is not None else np.float32
-    for k in out:  # computed in float64, given back in the model's own dtype
+    # matrices are copied as stored (nothing is computed from them); norms and biases are read in
+    # float64 (a missing bias is float64 zeros): all given back in the model's own dtype
+    for k in out:
         out[k] = np.asarray(out[k]).astype(dtype)
     if names is not None:
         patterns = [names] if isinstance(names, str) else list(names)
@@ -112,11 +114,11 @@ def _attention(out: TLWeights, linear: LinearWeights, p: str, layout) -> None:
     grouped = layout.n_kv_heads < layout.n_heads
     for name, lin, cols in (("Q", layout.q, layout.q_cols), ("K", layout.k, layout.k_cols),
                             ("V", layout.v, layout.v_cols)):
-        w, b = linear.weight(lin), linear.bias(lin)
+        w, b = linear.weight(lin, stored=True), linear.bias(lin)
         prefix = "_" if grouped and name in "KV" else ""
         out[f"{p}attn.{prefix}W_{name}"] = np.stack([w[:, c] for c in cols])
         out[f"{p}attn.{prefix}b_{name}"] = np.stack([b[c] for c in cols])
-    w_o = linear.weight(layout.o)
+    w_o = linear.weight(layout.o, stored=True)
     out[f"{p}attn.W_O"] = np.stack([w_o[rows] for rows in layout.o_rows])
     out[f"{p}attn.b_O"] = linear.bias(layout.o)
 
@@ -130,8 +132,8 @@ def _mlp(out: TLWeights, linear: LinearWeights, p: str, down) -> None:
         out.missing[p + "mlp.*"] = pre if isinstance(pre, str) else "the MLP's maps are slices of a packed map"
         return
     if up is None:  # act(W_in x)
-        out[p + "mlp.W_in"], out[p + "mlp.b_in"] = linear.weight(gate), linear.bias(gate)
+        out[p + "mlp.W_in"], out[p + "mlp.b_in"] = linear.weight(gate, stored=True), linear.bias(gate)
     else:  # act(W_gate x) * (W_in x)
-        out[p + "mlp.W_gate"], out[p + "mlp.W_in"] = linear.weight(gate), linear.weight(up)
+        out[p + "mlp.W_gate"], out[p + "mlp.W_in"] = linear.weight(gate, stored=True), linear.weight(up, stored=True)
         out[p + "mlp.b_in"] = linear.bias(up)
-    out[p + "mlp.W_out"], out[p + "mlp.b_out"] = linear.weight(down), linear.bias(down)
+    out[p + "mlp.W_out"], out[p + "mlp.b_out"] = linear.weight(down, stored=True), linear.bias(down)

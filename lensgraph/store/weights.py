@@ -157,7 +157,8 @@ class LinearWeights:
         return self.store.expect_centred(lin.source, axis, what, view=self.matrix(lin))
 
     def weight(self, lin, stored: bool = False) -> np.ndarray:
-        """W as [in, out] in float64 (a fresh copy), or with `stored` as kept (for checks)."""
+        """W as [in, out] in float64 (a fresh copy), or with `stored` as kept (read-only: checks, and
+        copies that compute nothing)."""
         arr = self.store.stored(lin.source) if stored else self.store.read(lin.source)
         for node in reversed(lin.path):
             if node.op_type == "Transpose":

@@ -148,12 +148,31 @@ def _write_bytes(f, tensor) -> None:
         tensor.copy_to(f)
         return
     if tensor.dtype.bitwidth % 8 == 0:
-        arr = np.ascontiguousarray(tensor.numpy())
+        arr = tensor.numpy()
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
-        data = memoryview(arr.reshape(-1).view(np.uint8))
+        if not arr.flags.c_contiguous and arr.ndim > 1 and arr.size:
+            _write_rows(f, arr, tensor)
+            return
+        data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
     else:
         data = memoryview(tensor.tobytes())
     if len(data) != tensor.nbytes:
         raise ValueError(f"tensor {tensor.name!r}: {len(data)} bytes, expected {tensor.nbytes}")
     f.write(data)
+
+
+ROWS_BYTES = 1 << 22  # a view is laid out this many bytes at a time
+
+
+def _write_rows(f, arr: np.ndarray, tensor) -> None:
+    """A view that is not laid out in order (an exporter's transposed weight, whose transpose
+    shares the model's memory) written a few rows at a time: never a whole second copy."""
+    rows = max(1, ROWS_BYTES // max(1, arr[0].nbytes))
+    written = 0
+    for start in range(0, arr.shape[0], rows):
+        piece = np.ascontiguousarray(arr[start:start + rows])
+        f.write(memoryview(piece.reshape(-1).view(np.uint8)))
+        written += piece.nbytes
+    if written != tensor.nbytes:
+        raise ValueError(f"tensor {tensor.name!r}: {written} bytes, expected {tensor.nbytes}")
