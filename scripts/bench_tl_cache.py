@@ -132,7 +132,7 @@ def later_calls(folder: str, hf_folder: str, n_tokens: int, rounds: int, threads
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=128, help="tokens per later call")
-    p.add_argument("--rounds", type=int, default=10, help="rounds of later calls")
+    p.add_argument("--rounds", type=int, default=10, help="rounds of later calls (0: none)")
     p.add_argument("--first-rounds", type=int, default=3, help="fresh processes per first-call variant (0: none)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dir", default=os.path.join(benchlib.CACHE, "smollm2-folder"))
@@ -148,7 +148,8 @@ def main(argv=None) -> dict:
     out = {}
     if args.first_rounds:
         out["first"] = first_calls(folder, hf_folder, ids, args.first_rounds, args.threads)
-    out["later"] = later_calls(folder, hf_folder, args.tokens, args.rounds, args.threads, not args.no_tl)
+    if args.rounds:
+        out["later"] = later_calls(folder, hf_folder, args.tokens, args.rounds, args.threads, not args.no_tl)
     return out
 
 
