@@ -40,6 +40,11 @@ _NOISY_LOGGERS = (
 )
 
 
+def _dtype_name(dtype) -> str:
+    """The name a torch dtype has on the command line (float32, float16)."""
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype))
+
+
 class ExportError(LensError):
     """An expected failure, with a one-line message; a LensError so the CLI shows it plainly."""
 
@@ -508,9 +513,8 @@ class PendingCheck:
         scale = float(np.abs(expected).max()) or 1.0
         limit = TOLERANCE.get(self.dtype, TOLERANCE[torch.float16]) * scale
         if not max_diff <= limit:
-            dtype_name = {v: k for k, v in DTYPES.items()}.get(self.dtype, str(self.dtype))
             raise ExportError(f"{self.name}: onnx logits differ from torch by {max_diff:.3g} "
-                              f"(allowed {limit:.3g} for {dtype_name}, logit scale {scale:.3g})")
+                              f"(allowed {limit:.3g} for {_dtype_name(self.dtype)}, logit scale {scale:.3g})")
         return max_diff
 
 
@@ -565,7 +569,6 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
     verbose = _verbose(verbose)
     name = getattr(model, "name_or_path", "") or type(model).__name__
     dtype = _model_dtype(model)
-    dtype_name = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
     vocab = _vocab_size(model)
     external = weight_bytes(model) > SINGLE_FILE_LIMIT if external_data is None else bool(external_data)
 
@@ -614,7 +617,7 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
     return {
         "exporter": exporter,
         "opset": written_opset,
-        "dtype": dtype_name,
+        "dtype": _dtype_name(dtype),
         "seconds": round(seconds, 3),
         "max_abs_diff": max_diff,
         "external_data": external,

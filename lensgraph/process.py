@@ -91,7 +91,8 @@ def process(
     del model  # the rewritten weights are on disk now; verification needs the memory
     with staged:
         if verify and changed:  # check the very files that will be published, one model at a time
-            result = verify_models(src if reference is None else reference, staged.staged_path, provider=provider, tolerance=tolerance,
+            original = src if reference is None else reference
+            result = verify_models(original, staged.staged_path, provider=provider, tolerance=tolerance,
                                    label_b=f"{dst} (as written)", progress=progress)
             report["verification"] = result.to_dict()
             if not result.ok:

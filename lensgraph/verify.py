@@ -71,6 +71,7 @@ class Reference:
     runs: list  # (feeds, logits) per shape
     shapes: tuple
     provider: str
+    seed: int
 
 
 def reference(original, shapes=DEFAULT_SHAPES, provider: str = "CPUExecutionProvider", seed: int = 0) -> Reference:
@@ -82,7 +83,7 @@ def reference(original, shapes=DEFAULT_SHAPES, provider: str = "CPUExecutionProv
     for batch, seq in shapes:
         feeds = a.feeds(batch, seq, vocab, rng)
         runs.append((feeds, a.run(feeds)))
-    return Reference(a.label, a.output, runs, tuple(tuple(s) for s in shapes), provider)
+    return Reference(a.label, a.output, runs, tuple(tuple(s) for s in shapes), provider, seed)
 
 
 def verify(
@@ -107,8 +108,8 @@ def verify(
     step = progress or (lambda name: None)
     step(VERIFY_STEPS[0])
     if isinstance(original, Reference):
-        if original.shapes != tuple(tuple(s) for s in shapes) or original.provider != provider:
-            raise BadInputError("the reference was computed on other shapes or with another provider")
+        if (original.shapes, original.provider, original.seed) != (tuple(tuple(s) for s in shapes), provider, seed):
+            raise BadInputError("the reference was computed on other shapes, with another provider or seed")
         ref = original
     else:
         ref = reference(original, shapes, provider, seed)

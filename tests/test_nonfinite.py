@@ -69,3 +69,17 @@ def test_a_value_float16_cannot_hold_is_refused_and_nothing_written(capsys, tmp_
     assert code == 3, err
     assert "wpe" in err and "does not fit float16" in err and "65867" in err and "nothing was written" in err
     assert snapshot(tmp_path) == before  # not even the output's folder
+
+
+def test_a_reference_is_compared_only_on_the_inputs_it_was_computed_on(gpt2_exports):
+    """verify takes the original's logits computed before (convert's export check) in place of the
+    original; given other shapes, provider or seed it refuses rather than compare other inputs."""
+    from lensgraph.errors import BadInputError
+    from lensgraph.verify import reference, verify
+
+    src = gpt2_exports["torchscript17"]
+    ref = reference(src)
+    assert verify(ref, src).ok and verify(ref, src).max_abs_diff == 0.0
+    for other in ({"seed": 1}, {"shapes": [(1, 4)]}):
+        with pytest.raises(BadInputError, match="the reference was computed on other shapes"):
+            verify(ref, src, **other)

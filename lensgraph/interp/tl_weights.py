@@ -76,7 +76,8 @@ def tl_weights(model, names: str | list[str] | None = None) -> TLWeights:
             _mlp(out, linear, p, layer.mlp.linear)
     _norm(out, store, "ln_final", anatomy.final_norm)
     if anatomy.unembed is not None:
-        out["unembed.W_U"], out["unembed.b_U"] = linear.weight(anatomy.unembed, stored=True), linear.bias(anatomy.unembed)
+        unembed = anatomy.unembed
+        out["unembed.W_U"], out["unembed.b_U"] = linear.weight(unembed, stored=True), linear.bias(unembed)
     else:
         out.missing["unembed.*"] = anatomy.unembed_blocker or "no unembedding"
     dtype = np.dtype(anatomy.unembed.source.dtype.numpy()) if anatomy.unembed is not None else np.float32
