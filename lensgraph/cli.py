@@ -487,7 +487,7 @@ def _weights(args) -> int:
 
     model = _model(args.model)
     target = check_text_target(args.output, [model]) if args.output else None
-    weights = tl_weights(model, args.names)
+    weights = tl_weights(model, args.names, copy=target is not None)  # a listing reads no values
     if target is None:
         for name, arr in weights.items():
             print(f"  {name}: {list(arr.shape)} {arr.dtype}")

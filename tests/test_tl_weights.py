@@ -67,3 +67,13 @@ def test_weights_command_lists_and_saves_exactly_that_dict(family_exports, tmp_p
     assert set(saved) == set(expected)
     for name in expected:
         assert saved[name].dtype == expected[name].dtype and np.array_equal(saved[name], expected[name]), name
+
+
+def test_weights_are_arrays_of_their_own_unless_a_view_is_asked(family_exports):
+    path = family_exports("gpt2", "torchscript17")  # weights kept in the file: read through its memory map
+    owned, viewed = lensgraph.tl_weights(path), lensgraph.tl_weights(path, copy=False)
+    assert set(owned) == set(viewed)
+    for name, arr in owned.items():
+        assert arr.flags.writeable and arr.flags.owndata, name  # free of the file: a user may change it
+        assert arr.dtype == viewed[name].dtype and np.array_equal(arr, viewed[name]), name
+    assert not viewed["embed.W_E"].flags.writeable  # as stored: the file's own bytes, not copied

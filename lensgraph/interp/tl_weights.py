@@ -38,8 +38,10 @@ class TLWeights(dict):
         self.missing: dict[str, str] = {}
 
 
-def tl_weights(model, names: str | list[str] | None = None) -> TLWeights:
-    """The weights of `model` (a path or a LensModel) by TransformerLens name; `names`: globs to keep."""
+def tl_weights(model, names: str | list[str] | None = None, copy: bool = True) -> TLWeights:
+    """The weights of `model` (a path or a LensModel) by TransformerLens name; `names`: globs to keep.
+    Each is a fresh array of its own; with `copy` off, a weight kept as stored may be a read-only view
+    of the file (listing names and shapes reads next to nothing)."""
     if isinstance(model, (str, os.PathLike)):
         model = LensModel.load(resolve(model).model)
     elif not isinstance(model, LensModel):
@@ -83,8 +85,6 @@ def tl_weights(model, names: str | list[str] | None = None) -> TLWeights:
     dtype = np.dtype(anatomy.unembed.source.dtype.numpy()) if anatomy.unembed is not None else np.float32
     # matrices are copied as stored (nothing is computed from them); norms and biases are read in
     # float64 (a missing bias is float64 zeros): all given back in the model's own dtype
-    for k in out:
-        out[k] = np.asarray(out[k]).astype(dtype)
     if names is not None:
         patterns = [names] if isinstance(names, str) else list(names)
         kept = [k for k in out if any(fnmatch.fnmatchcase(k, pat) for pat in patterns)]
@@ -92,6 +92,8 @@ def tl_weights(model, names: str | list[str] | None = None) -> TLWeights:
             raise BadInputError(f"no weight matches {', '.join(patterns)}")
         for k in [k for k in out if k not in kept]:
             del out[k]
+    for k in out:
+        out[k] = np.array(out[k], dtype=dtype) if copy else np.asarray(out[k], dtype=dtype)
     return out
 
 

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from ..graph import match
 from .deferred import Deferred, DeferredTensor, check_fits, is_centred
+from .filetensor import FileTensor
 
 
 class WeightStore:
@@ -43,7 +44,11 @@ class WeightStore:
         return Deferred.of(tensor)
 
     def stored(self, value: ir.Value) -> np.ndarray:
-        """The values as stored (read-only use: checks that need no float64 copy)."""
+        """The values as stored (read-only use: checks that need no float64 copy). A weight still in
+        its file is its memory map (read-only, no copy): a caller that keeps it copies it."""
+        source = match.const_source(value)
+        if source is not None and isinstance(source.const_value, FileTensor):
+            return source.const_value.mapped()
         arr = match.const_value(value)
         if arr is None:
             raise ValueError(f"{value.name} is not a constant")
