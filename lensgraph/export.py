@@ -354,8 +354,14 @@ def _export_torchscript(wrapper, args, staged: StagedModel, opset, cache_layers=
             do_constant_folding=False,  # torch would fold the weights' transposes into tensors it then leaves out
             verbose=False,  # True dumps the whole traced graph, too much even when verbose
         )
-    model = ir.serde.deserialize_model(onnx.load_from_string(buffer.getvalue()))
+    proto = onnx.load_from_string(buffer.getvalue())
     del buffer
+    # torch writes no intermediate types; its graph holds no weight values yet, so ONNX's inference
+    # is cheapest here, and the written export carries every shape (its loads then skip inference)
+    with contextlib.suppress(Exception):  # a convenience, as store.model.infer_shapes is
+        proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    model = ir.serde.deserialize_model(proto)
+    del proto
     tensors = dict(wrapper.named_parameters(remove_duplicate=False))
     tensors.update(wrapper.named_buffers(remove_duplicate=False))
     _weights_as_initializers(model.graph, tensors, set(inputs))

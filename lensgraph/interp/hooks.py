@@ -45,7 +45,7 @@ from ..graph.hookpoints import (
     place,
     template,
 )
-from ..store.model import LensModel, infer_shapes
+from ..store.model import LensModel, infer_shapes_of
 
 HOOK_KEY = "lensgraph.hook"
 HOOKS_KEY = "lensgraph.hooks"
@@ -111,6 +111,7 @@ def add_hooks(model: LensModel, points: list[str] | None = None, copies: bool = 
     report.placement = placement
     wanted = select(placement.names, points)
     builder = _Builder(model, placement, copies)
+    before = {id(n) for n in model.graph}
     for name in wanted:
         if name in placement.points:
             report.outputs[name] = builder.add(placement.points[name]).name
@@ -118,7 +119,7 @@ def add_hooks(model: LensModel, points: list[str] | None = None, copies: bool = 
         else:
             report.unplaced[name] = placement.unplaced[name]
     model.graph.sort()
-    infer_shapes(model.ir, always=True)
+    infer_shapes_of(model.ir, [n for n in model.graph if id(n) not in before])
     for out, rank in builder.ranks:  # graph outputs need a shape, if only a rank
         if out.shape is None and rank is not None:
             out.shape = ir.Shape([None] * rank)
