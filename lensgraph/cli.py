@@ -437,7 +437,7 @@ def _inspect(args) -> int:
     from .graph.describe import as_text, describe
     from .store.model import LensModel
 
-    info = describe(LensModel.load(_model(args.model)))
+    info = describe(LensModel.load(_model(args.model), runtime=False))  # read, never run: no onnxruntime
     print(json.dumps(info, indent=2) if args.json else as_text(info))
     return 0
 

@@ -110,8 +110,10 @@ def test_light_commands_import_nothing_heavy(argv):
 def test_each_command_imports_only_what_it_uses(gpt2_exports, argv):
     argv = [argv[0], gpt2_exports["dynamo"], *argv[1:]]
     done = python("import sys\nfrom lensgraph.cli import main\nmain(%r)\n"
-                  "print('torch' in sys.modules, 'transformers' in sys.modules)" % argv)
-    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "False False", done.stderr
+                  "print('torch' in sys.modules, 'transformers' in sys.modules, 'onnxruntime' in sys.modules)" % argv)
+    runs_a_session = argv[0] != "inspect"  # hooks and weights measure the head layout in onnxruntime
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"False False {runs_a_session}", done.stdout
     done = python("import lensgraph, sys; print([m for m in %r if m in sys.modules]); "
                   "print(lensgraph.process.__module__, lensgraph.verify.__module__)" % (HEAVY,))
     assert done.stdout.split("\n")[:2] == ["[]", "lensgraph.process lensgraph.verify"], done.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -80,8 +82,12 @@ def good(gpt2_exports):
     return gpt2_exports["torchscript17"]
 
 
-@pytest.mark.parametrize("command", list(COMMANDS))
-@pytest.mark.parametrize("kind", list(BAD_FILES))
+RUNTIME_KINDS = ("unknown_opset", "custom_op")  # bad only for running: inspect reads them (below)
+CASES = [(kind, command) for command in COMMANDS for kind in BAD_FILES
+         if not (command == "inspect" and kind in RUNTIME_KINDS)]
+
+
+@pytest.mark.parametrize("kind, command", CASES)
 def test_bad_file_is_one_clear_line_and_writes_nothing(capsys, tmp_path, good, kind, command):
     inputs, outputs = tmp_path / "in", tmp_path / "out"
     inputs.mkdir(), outputs.mkdir()
@@ -93,6 +99,17 @@ def test_bad_file_is_one_clear_line_and_writes_nothing(capsys, tmp_path, good, k
     assert bad in line and BAD_FILES[kind][1] in line, line
     assert snapshot(tmp_path) == before  # nothing written, the bad input untouched
     assert snapshot(os.path.dirname(good)) == good_before
+
+
+@pytest.mark.parametrize("kind", RUNTIME_KINDS)
+def test_inspect_reads_a_graph_onnxruntime_cannot_run_without_loading_onnxruntime(tmp_path, good, kind):
+    bad = make_bad(kind, tmp_path, good)
+    before = snapshot(tmp_path)
+    code = "import sys\nfrom lensgraph.cli import main\nmain(['inspect', %r])\nprint('onnxruntime' in sys.modules)" % bad
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "d_model: 32" in done.stdout and done.stdout.strip().splitlines()[-1] == "False"
+    assert snapshot(tmp_path) == before
 
 
 def test_bad_file_from_the_console_script(tmp_path, good):
@@ -107,7 +124,7 @@ def test_bad_file_from_the_console_script(tmp_path, good):
 
 def test_debug_adds_the_traceback(capsys, tmp_path, good):
     bad = make_bad("custom_op", tmp_path, good)
-    code, _, err = cli(capsys, "inspect", bad, "--debug")
+    code, _, err = cli(capsys, "process", bad, "-o", tmp_path / "x.onnx", "--debug")
     assert code == 2
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("lensgraph: error: ")
 

@@ -41,10 +41,11 @@ class LensModel:
         self.weights = WeightStore(model.graph)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LensModel":
-        """Open `path` after the checks in safety.py; weights stay in the file until used."""
+    def load(cls, path: str | os.PathLike, runtime: bool = True) -> "LensModel":
+        """Open `path` after the checks in safety.py; weights stay in the file until used.
+        `runtime` off: a graph only read, never run (onnxruntime's support is not asked)."""
         path = os.fspath(path)
-        proto, data_files = open_model(path)
+        proto, data_files = open_model(path, runtime)
         try:
             model = ir.serde.deserialize_model(proto)
             ir.serde.serialize_model(model)  # what cannot be written back (text that is not UTF-8) is refused now

@@ -27,8 +27,9 @@ SMALL_TENSOR = 1 << 16  # external tensors up to this size are read into memory 
 STANDARD_DOMAINS = {"": "", "ai.onnx": ""}  # the default domain has two spellings
 
 
-def open_model(path: str) -> tuple[onnx.ModelProto, set[str]]:
-    """Parse `path` after checking it is safe and usable, without reading its large weights.
+def open_model(path: str, runtime: bool = True) -> tuple[onnx.ModelProto, set[str]]:
+    """Parse `path` after checking it is safe and usable, without reading its large weights
+    (without `runtime`, for reading a graph that is never run: onnxruntime's support unchecked).
 
     The model is parsed as its skeleton (wire.py): each large initializer stored in the
     file itself becomes external data pointing at its own bytes in the model file, so
@@ -54,7 +55,8 @@ def open_model(path: str) -> tuple[onnx.ModelProto, set[str]]:
     except Exception as exc:
         if not runtime_contrib_op(str(exc)):
             raise BadInputError(f"{path}: fails the ONNX checker ({_first_line(exc)})") from exc
-    check_runtime_support(proto, path)
+    if runtime:
+        check_runtime_support(proto, path)
     return proto, data_files
 
 
