@@ -26,9 +26,8 @@ def run() -> None:
     code = main()
     try:
         sys.stdout.flush()
-    except BrokenPipeError:  # as in main: the reader went away
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 141
+    except BrokenPipeError:
+        code = _reader_gone()
     sys.stderr.flush()
     gc.freeze()
     sys.exit(code)
@@ -56,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"lensgraph: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except BrokenPipeError:  # the reader of our output went away (`| head`); the work itself is done
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+    except BrokenPipeError:
+        return _reader_gone()
     except KeyboardInterrupt:
         if args.func is _collect:
             print("lensgraph: interrupted; the complete shards are kept: rerun the same command to continue",
@@ -72,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lensgraph: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _reader_gone() -> int:
+    """The reader of our output went away (`| head`); the work itself is done. Later writes go
+    nowhere, and the exit code says so."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
 
 
 # TransformerLens's from_pretrained switches, as on/off flags: (flag, keyword, TL's default)

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import helper
 
-from ..store.runner import Runner, config_cache_dims
 from . import match
 from .anatomy import Attention
 from .linear import Linear, linear_producing
-from .probe import BASE, WIDE_BASE, _prune
+from .probe import BASE, WIDE_BASE, _prune, probe_runner
 
 SCORE_OPS = {"Add", "Sub", "Mul", "Div", "Where", "Tanh", "Cast", "Identity", "Dropout"}  # scale, cap, mask
 # How a query or key is made from its map's output: re-layouts and slices (the data is input 0),
@@ -164,8 +163,7 @@ def _measure(proto, held_out: dict, plans: dict, results: list, provider: str, p
         return
     reads = {i: [p.qk.inputs[0].name, p.qk.inputs[1].name, p.att.o.node.inputs[0].name] for i, p in live.items()}
     _prune(graph, [name for names in reads.values() for name in names])
-    runner = Runner(proto, provider, f"{path or 'the model'} (the head-layout probe)", cache_dims=config_cache_dims(path),
-                    few_runs=True, optimization="ORT_DISABLE_ALL")  # one-token runs: optimising costs more than it saves
+    runner = probe_runner(proto, provider, f"{path or 'the model'} (the head-layout probe)", path)
     runner.given = given
     base = WIDE_BASE if all(d.itemsize >= 4 for _, d, _ in coded.values()) else BASE
     runs = max(1, math.ceil(math.log(max(c for c, _, _ in coded.values()) + 1, base)))

@@ -82,9 +82,6 @@ def tl_weights(model, names: str | list[str] | None = None, copy: bool = True) -
         out["unembed.W_U"], out["unembed.b_U"] = linear.weight(unembed, stored=True), linear.bias(unembed)
     else:
         out.missing["unembed.*"] = anatomy.unembed_blocker or "no unembedding"
-    dtype = np.dtype(anatomy.unembed.source.dtype.numpy()) if anatomy.unembed is not None else np.float32
-    # matrices are copied as stored (nothing is computed from them); norms and biases are read in
-    # float64 (a missing bias is float64 zeros): all given back in the model's own dtype
     if names is not None:
         patterns = [names] if isinstance(names, str) else list(names)
         kept = [k for k in out if any(fnmatch.fnmatchcase(k, pat) for pat in patterns)]
@@ -92,6 +89,9 @@ def tl_weights(model, names: str | list[str] | None = None, copy: bool = True) -
             raise BadInputError(f"no weight matches {', '.join(patterns)}")
         for k in [k for k in out if k not in kept]:
             del out[k]
+    dtype = np.dtype(anatomy.unembed.source.dtype.numpy()) if anatomy.unembed is not None else np.float32
+    # matrices are copied as stored (nothing is computed from them); norms and biases are read in
+    # float64 (a missing bias is float64 zeros): all given back in the model's own dtype
     for k in out:
         out[k] = np.array(out[k], dtype=dtype) if copy else np.asarray(out[k], dtype=dtype)
     return out
