@@ -163,7 +163,7 @@ def _measure(proto, held_out: dict, plans: dict, results: list, provider: str, p
         return
     reads = {i: [p.qk.inputs[0].name, p.qk.inputs[1].name, p.att.o.node.inputs[0].name] for i, p in live.items()}
     _prune(graph, [name for names in reads.values() for name in names])
-    runner = probe_runner(proto, provider, f"{path or 'the model'} (the head-layout probe)", path)
+    runner = probe_runner(proto, provider, "the head-layout probe", path)
     runner.given = given
     base = WIDE_BASE if all(d.itemsize >= 4 for _, d, _ in coded.values()) else BASE
     runs = max(1, math.ceil(math.log(max(c for c, _, _ in coded.values()) + 1, base)))

@@ -42,15 +42,14 @@ def value_index(model, attentions: list[Attention], provider: str = "CPUExecutio
     return results
 
 
-def probe_runner(proto, provider: str, label: str, path: str | None) -> Runner:
-    """A session for a probe's skeleton: a run or two of one token over zero weights, which
-    neither prepacking the weights nor optimising the graph would repay."""
-    return Runner(proto, provider, label, cache_dims=config_cache_dims(path), few_runs=True,
-                  optimization="ORT_DISABLE_ALL")
+def probe_runner(proto, provider: str, probe: str, path: str | None) -> Runner:
+    """A session for a probe's skeleton (labelled "PATH (PROBE)" in errors): a run or two of one
+    token over zero weights, which neither prepacking the weights nor optimising the graph would repay."""
+    return Runner(proto, provider, f"{path or 'the model'} ({probe})", cache_dims=config_cache_dims(path),
+                  few_runs=True, optimization="ORT_DISABLE_ALL")
 
 
 def _run(proto, held_out: dict, targets: list, results: list, provider: str, path: str | None) -> None:
-    label = path or "the model"
     graph = proto.graph
     nodes: dict = {}
     for node in graph.node:
@@ -75,7 +74,7 @@ def _run(proto, held_out: dict, targets: list, results: list, provider: str, pat
     if not live:
         return
     _prune(graph, [att.o.node.inputs[0].name for _, att in live])
-    runner = probe_runner(proto, provider, f"{label} (the value-bias probe)", path)
+    runner = probe_runner(proto, provider, "the value-bias probe", path)
     runner.given = given
     wide = all(np.dtype(codes[k][1]).itemsize >= 4 for k, _ in live)
     base = WIDE_BASE if wide else BASE
