@@ -38,8 +38,8 @@ from .store.resolve import EXPORT, GENERATION_CONFIG, MODEL, POINTS
 
 EXPORTERS = ("auto", "torchscript", "dynamo", "genai")
 # Above this the weights go to model.onnx.data: onnxruntime maps such a file as it loads (0.4 s for
-# SmolLM2-135M against 1 to 3 s with the same 650 MB inside the graph file), and convert loads the model
-# three times (the export's check, then verification's two sessions).
+# SmolLM2-135M against 1 to 3 s with the same 650 MB inside the graph file), and every session over the
+# folder's model (verification's, run_with_cache's, a deployment's) loads it.
 EXTERNAL_ABOVE = 64 * 2**20
 
 
@@ -110,30 +110,41 @@ def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bo
         from .export import load_hf_model, load_tokenizer
     except ModuleNotFoundError as exc:
         raise missing_extra(exc.name, "lensgraph convert") from None
-    from .process import process
+    from .process import process, process_loaded
 
     step("load")
-    loaded = [load_hf_model(source, dtype=dtype, verbose=verbose)]  # the one reference: released after the export
-    tokenizer = load_tokenizer(source)
-    generation = getattr(loaded[0], "generation_config", None)
-    raw = os.path.join(staged.path, EXPORT)
-    os.mkdir(raw)
-    step("export")
     notes = []
-    exported = os.path.join(raw, MODEL)
-    info, reference = _export_checked(source, loaded, exported, exporter, with_cache, dtype,
-                                      verify and bool(manager.passes), notes, verbose)
-    if generation is not None:  # the end tokens generate stops at
-        generation.to_json_file(os.path.join(staged.path, GENERATION_CONFIG))
+    tokenizer = load_tokenizer(source)  # written and released first: its memory is reused by what follows
     if tokenizer is not None:
         tokenizer.save_pretrained(staged.path)
     else:
         notes.append(f"{source}: no tokenizer found, so none was written")
-    report = process(exported, os.path.join(staged.path, MODEL), passes=manager, verify=verify,
-                     progress=step, reference=reference) if manager.passes else _unprocessed(exported, manager)
-    if not report["written"]:  # nothing to do or nothing changed: the export itself is the model
-        _move_contents(raw, staged.path)
-        report["data_file"] = info.get("data_file")
+    del tokenizer
+    loaded = [load_hf_model(source, dtype=dtype, verbose=verbose)]  # the one reference: released after the export
+    generation = getattr(loaded[0], "generation_config", None)
+    raw = os.path.join(staged.path, EXPORT)
+    os.mkdir(raw)
+    step("export")
+    exported = os.path.join(raw, MODEL)
+    # processed models are verified as written, so the export they come from need not be written:
+    # it is checked and gives verification's reference where it lies, in memory
+    in_memory = bool(manager.passes) and not keep_export and exporter in ("auto", "torchscript")
+    info, reference, memory = _export_checked(source, loaded, exported, exporter, with_cache, dtype,
+                                              verify and bool(manager.passes), notes, verbose, in_memory)
+    if generation is not None:  # the end tokens generate stops at
+        generation.to_json_file(os.path.join(staged.path, GENERATION_CONFIG))
+    if memory is not None:
+        holder, check = memory
+        report = process_loaded(holder, exported, os.path.join(staged.path, MODEL), manager, verify=verify,
+                                progress=step, reference=reference)
+        if not report["written"]:  # nothing to rewrite or nothing changed: the export itself is the model
+            report["data_file"] = _write_checked(holder, check, os.path.join(staged.path, MODEL))
+    else:
+        report = process(exported, os.path.join(staged.path, MODEL), passes=manager, verify=verify,
+                         progress=step, reference=reference) if manager.passes else _unprocessed(exported, manager)
+        if not report["written"]:  # nothing to do or nothing changed: the export itself is the model
+            _move_contents(raw, staged.path)
+            report["data_file"] = info.get("data_file")
     if not keep_export or not report["written"]:
         shutil.rmtree(raw)  # the export, where processing wrote its own model
     if hooks:
@@ -145,17 +156,22 @@ def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bo
 
 
 def _export_checked(source, holder: list, path: str, exporter: str, with_cache: bool | None, dtype: str, verify: bool,
-                    notes: list, verbose):
+                    notes: list, verbose, in_memory: bool = False):
     """Export the torch model, `holder`'s one item and its only reference, to `path` (a KV-cache
     graph where it exports exactly, else a plain one, and with dynamo where TorchScript fails and
     the choice was ours) and check it against torch.
 
     The check's torch half runs first; then the torch model is released and the export loaded
     once in onnxruntime, for the check's other half and for verification's reference (the
-    unprocessed export's logits): one copy of the weights in memory at a time. A graph that fails
-    the check is followed by the next kind, from the source loaded again. Returns the export's
-    info and the reference (None where nothing will be verified)."""
-    from .export import ExportError, ExportInputError, export_model, load_hf_model, weight_bytes
+    unprocessed export's logits): one copy of the weights in memory at a time (with `in_memory`,
+    the torch model's own). A graph that fails
+    the check is followed by the next kind, from the source loaded again. With `in_memory` a
+    TorchScript export is not written: onnxruntime runs torch's graph over the torch model's
+    own weights, which then stay the export's (export.Traced). Returns the export's info, the
+    reference (None where nothing will be verified) and, in memory, ([the export as a LensModel,
+    its only reference], its pending check) (else None)."""
+    from .export import ExportError, ExportInputError, export_in_memory, export_model, load_hf_model, weight_bytes
+    from .store.model import LensModel
     from .store.runner import Runner
     from .verify import reference
 
@@ -168,20 +184,32 @@ def _export_checked(source, holder: list, path: str, exporter: str, with_cache: 
         ([("dynamo", False)] if exporter == "auto" and chosen != "dynamo" else [])
     external = weight_bytes(holder[0]) > EXTERNAL_ABOVE or None  # None: export's own limit decides
     for kind, kv in attempts:
+        traced = runner = None
         try:
             if not holder:  # released by the attempt before: load the source again
                 holder.append(load_hf_model(source, dtype=dtype, verbose=verbose))
-            info = export_model(holder[0], path, exporter=kind, verbose=verbose, cache=kv, external_data=external,
-                                check="later")
+            if in_memory and kind == "torchscript":
+                traced = export_in_memory(holder[0], verbose=verbose, cache=kv)
+                info, check = {**traced.info, "external_data": bool(external)}, traced.check
+            else:
+                info = export_model(holder[0], path, exporter=kind, verbose=verbose, cache=kv, external_data=external,
+                                    check="later")
+                check = info.pop("check")
             holder.clear()
             gc.collect()  # the model's reference cycles (transformers', the trace's) hold its weights
             try:
-                runner = Runner(path, few_runs=True)
+                runner = traced.runner(f"{path} (in memory)") if traced else Runner(path, few_runs=True)
             except LensError as exc:
                 raise ExportError(f"onnxruntime could not load the exported graph ({exc})") from None
-            info["max_abs_diff"] = info.pop("check").run(runner)
-            return info, reference(runner) if verify else None
+            info["max_abs_diff"] = check.run(runner)
+            ref = reference(runner) if verify else None
+            if traced is None:
+                return info, ref, None
+            model = LensModel(traced.model, path)
+            model.external_input = bool(external)
+            return info, ref, ([model], check)
         except ExportError as exc:
+            traced = runner = None  # the torch weights, released before the source is loaded again
             if isinstance(exc, ExportInputError) or (kv and with_cache) or (not kv and exporter != "auto") \
                     or kind == "dynamo":
                 raise
@@ -192,6 +220,21 @@ def _export_checked(source, holder: list, path: str, exporter: str, with_cache: 
             else:
                 notes.append(f"the TorchScript export failed ({exc}); exported with dynamo")
     raise AssertionError("unreachable: the last attempt raises")
+
+
+def _write_checked(holder: list, check, path: str) -> str | None:
+    """The in-memory export, `holder`'s one item, written to `path` as the folder's model and then
+    checked against torch as written (the file is published only by the caller's commit).
+    Returns its data file, if any."""
+    model = holder.pop()
+    for key in [k for k in model.ir.metadata_props if k.startswith("lensgraph.")]:
+        del model.ir.metadata_props[key]  # a pass that changed nothing still recorded itself as applied
+    staged = model.stage(path)
+    del model
+    gc.collect()  # the torch weights the model viewed: the check's session maps the written copy
+    with staged:
+        check.run(staged.staged_path)
+    return staged.data_path
 
 
 def _points(folder: str, notes: list) -> int:

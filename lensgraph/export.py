@@ -322,11 +322,37 @@ def _export_dynamo(wrapper, args, staged: StagedModel, opset, verbose):
 
 
 def _export_torchscript(wrapper, args, staged: StagedModel, opset, cache_layers=0):
+    """Tracing based, written with lensgraph's streaming writer (see `_trace_torchscript`)."""
+    traced = _trace_torchscript(wrapper, args, opset, cache_layers)
+    staged.write(traced.model)
+    return traced.model.opset_imports.get("", None)
+
+
+class Traced:
+    """A TorchScript export held in memory: `model`, the onnx-ir graph whose initializers view the
+    torch tensors themselves (no copy), and `graph`, torch's own serialised graph with those
+    weights as inputs (`weights`, contiguous arrays over the same memory). onnxruntime runs `graph`
+    fed `weights` (`runner`) without a copy of the weights or a file; the check and verification's
+    reference run there, and `model` is what lensgraph processes and writes."""
+
+    def __init__(self, model, graph: bytes, weights: dict):
+        self.model, self.graph, self.weights = model, graph, weights
+        self.info: dict = {}
+        self.check: PendingCheck | None = None
+
+    def runner(self, label: str):
+        from .store.runner import Runner
+
+        runner = Runner(self.graph, label=label, few_runs=True)
+        runner.given = self.weights
+        return runner
+
+
+def _trace_torchscript(wrapper, args, opset, cache_layers=0) -> Traced:
     """Tracing based, with the weights left out of torch's ONNX file: the traced graph takes them
     as inputs, and lensgraph makes them initializers over the torch tensors themselves (no
-    copy) and streams them out with its writer. torch would otherwise build the whole file in
-    memory, weights included, once in C++ and once as Python bytes: about twice the time and
-    three times the model's size at the peak."""
+    copy). torch would otherwise build the whole file in memory, weights included, once in C++
+    and once as Python bytes: about twice the time and three times the model's size at the peak."""
     import onnx
     import onnx_ir as ir
 
@@ -360,13 +386,13 @@ def _export_torchscript(wrapper, args, staged: StagedModel, opset, cache_layers=
     # is cheapest here, and the written export carries every shape (its loads then skip inference)
     with contextlib.suppress(Exception):  # a convenience, as store.model.infer_shapes is
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    graph = proto.SerializeToString()
     model = ir.serde.deserialize_model(proto)
     del proto
     tensors = dict(wrapper.named_parameters(remove_duplicate=False))
     tensors.update(wrapper.named_buffers(remove_duplicate=False))
-    _weights_as_initializers(model.graph, tensors, set(inputs))
-    staged.write(model)
-    return model.opset_imports.get("", None)
+    weights = _weights_as_initializers(model.graph, tensors, set(inputs))
+    return Traced(model, graph, weights)
 
 
 @contextlib.contextmanager
@@ -393,16 +419,21 @@ def _type_inference_without_weight_values():
         setattr(torch._C, name, original)
 
 
-def _weights_as_initializers(graph, tensors: dict, inputs: set) -> None:
+def _weights_as_initializers(graph, tensors: dict, inputs: set) -> dict:
     """Every graph input that is a weight becomes an initializer viewing the torch tensor; a
     Transpose of a matrix (torch's nn.Linear) becomes the transposed view, as torch's constant
-    folding would have written it, and is computed only as it is written."""
+    folding would have written it, and is computed only as it is written. Returns the weights
+    by input name (writable views for onnxruntime's feeds; the initializers' views are read-only,
+    so that no rewrite can change the torch model's memory under the reference)."""
     import onnx_ir as ir
 
+    weights = {}
     for value in [v for v in graph.inputs if v.name not in inputs]:
         if value.name not in tensors:
             raise ExportError(f"the traced graph takes {value.name!r}, which is not a weight of the model")
-        array = tensors[value.name].detach().cpu().numpy()
+        weights[value.name] = tensors[value.name].detach().cpu().contiguous().numpy()
+        array = weights[value.name].view()
+        array.flags.writeable = False
         graph.inputs.remove(value)
         value.const_value = ir.Tensor(array, name=value.name)
         graph.register_initializer(value)
@@ -418,6 +449,7 @@ def _weights_as_initializers(graph, tensors: dict, inputs: set) -> None:
     _fold_small_weight_ops(graph)
     for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
         del graph.initializers[name]  # weights read only through what was folded
+    return weights
 
 
 def _as_initializer(graph, out, array):
@@ -585,53 +617,83 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
     staged = prepare(str(out_path), out_path.name + ".data" if external else None)
     dest = staged.staged_path
     with staged:
-        wrapper = (LogitsAndCache(model) if cache else LogitsOnly(model)).eval()
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab, (2, 8), generator=gen, dtype=torch.int64)
-        args = (ids, torch.ones_like(ids))
-        if cache:  # trace with a non-empty past so its length stays dynamic
-            args = (ids, torch.ones(2, 11, dtype=torch.int64), *_empty_cache(model, 2, 3, dtype))
-
-        start = time.perf_counter()
-        try:
-            with _quiet(verbose), torch.no_grad():
-                if exporter == "dynamo":
-                    written_opset = _export_dynamo(wrapper, args, staged, opset, verbose)
-                else:
-                    written_opset = _export_torchscript(wrapper, args, staged, opset,
-                                                        cache_layers=wrapper.layers if cache else 0)
-        except LensError:
-            raise
-        except Exception as exc:
-            hint = ""
-            if dtype == torch.float16:
-                hint = (f"; float16 export on CPU with the {exporter} exporter does not work "
-                        f"for this model on torch {torch.__version__}, use float32")
-            raise ExportError(f"{name}: {exporter} export failed ({_reason(exc)}){hint}") from None
-        seconds = time.perf_counter() - start
-
-        if opset is not None and written_opset != opset:
-            # Guard: the dynamo exporter keeps its own opset when conversion fails.
-            raise ExportError(
-                f"{name}: {exporter} exporter could not target opset {opset} "
-                f"(wrote {written_opset})"
-            )
-
+        wrapper, _, written_opset, seconds = _trace(model, exporter, opset, cache, verbose, staged)
         pending = PendingCheck(wrapper, vocab, name, exporter, dtype, cache, verbose) if check else None
         max_diff = pending.run(dest) if check and check != "later" else None
 
     return {
-        "exporter": exporter,
-        "opset": written_opset,
-        "dtype": _dtype_name(dtype),
-        "seconds": round(seconds, 3),
+        **_info(exporter, written_opset, dtype, seconds, cache),
         "max_abs_diff": max_diff,
         "external_data": external,
         "data_file": staged.data_path,
-        "cache": bool(cache),
         "out_path": str(out_path),
         **({"check": pending} if check == "later" else {}),
     }
+
+
+def export_in_memory(model, opset=None, verbose=None, cache=False) -> Traced:
+    """A TorchScript export of a loaded causal LM held in memory, not written (see Traced), with its
+    check's torch half computed (`check`: run it on `runner()`, or on the file once written). The
+    weights stay the torch model's own memory: release every other reference to the model and
+    this is the one copy."""
+    opset = _check_choices("torchscript", opset)
+    verbose = _verbose(verbose)
+    name = getattr(model, "name_or_path", "") or type(model).__name__
+    dtype = _model_dtype(model)
+    wrapper, traced, written_opset, seconds = _trace(model, "torchscript", opset, cache, verbose, None)
+    traced.info = {**_info("torchscript", written_opset, dtype, seconds, cache), "max_abs_diff": None}
+    traced.check = PendingCheck(wrapper, _vocab_size(model), name, "torchscript", dtype, cache, verbose)
+    return traced
+
+
+def _info(exporter: str, opset, dtype, seconds: float, cache: bool) -> dict:
+    return {"exporter": exporter, "opset": opset, "dtype": _dtype_name(dtype), "seconds": round(seconds, 3),
+            "cache": bool(cache)}
+
+
+def _trace(model, exporter: str, opset, cache: bool, verbose, staged: StagedModel | None):
+    """Trace `model` (wrapped for its call signature) with `exporter` and write the graph to `staged`,
+    or with no `staged` (TorchScript only) keep it in memory. Returns (wrapper, the Traced export
+    or None where written, the opset written, seconds)."""
+    name = getattr(model, "name_or_path", "") or type(model).__name__
+    dtype = _model_dtype(model)
+    vocab = _vocab_size(model)
+    wrapper = (LogitsAndCache(model) if cache else LogitsOnly(model)).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 8), generator=gen, dtype=torch.int64)
+    args = (ids, torch.ones_like(ids))
+    if cache:  # trace with a non-empty past so its length stays dynamic
+        args = (ids, torch.ones(2, 11, dtype=torch.int64), *_empty_cache(model, 2, 3, dtype))
+
+    start = time.perf_counter()
+    traced = None
+    try:
+        with _quiet(verbose), torch.no_grad():
+            if exporter == "dynamo":
+                written_opset = _export_dynamo(wrapper, args, staged, opset, verbose)
+            elif staged is not None:
+                written_opset = _export_torchscript(wrapper, args, staged, opset,
+                                                    cache_layers=wrapper.layers if cache else 0)
+            else:
+                traced = _trace_torchscript(wrapper, args, opset, cache_layers=wrapper.layers if cache else 0)
+                written_opset = traced.model.opset_imports.get("", None)
+    except LensError:
+        raise
+    except Exception as exc:
+        hint = ""
+        if dtype == torch.float16:
+            hint = (f"; float16 export on CPU with the {exporter} exporter does not work "
+                    f"for this model on torch {torch.__version__}, use float32")
+        raise ExportError(f"{name}: {exporter} export failed ({_reason(exc)}){hint}") from None
+    seconds = time.perf_counter() - start
+
+    if opset is not None and written_opset != opset:
+        # Guard: the dynamo exporter keeps its own opset when conversion fails.
+        raise ExportError(
+            f"{name}: {exporter} exporter could not target opset {opset} "
+            f"(wrote {written_opset})"
+        )
+    return wrapper, traced, written_opset, seconds
 
 
 def export(source, out_path, exporter="dynamo", opset=None, dtype="float32", check=True,

@@ -6,6 +6,7 @@ turned off) the equivalence check against the untouched input file.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import time
@@ -61,7 +62,21 @@ def process(
         raise BadInputError(f"{dst}: is a directory; give the output file's path")
     if not in_place and os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
         raise BadInputError(f"{dst}: output would overwrite the input (use --in-place to replace it)")
-    model = LensModel.load(src)
+    return process_loaded([LensModel.load(src)], src, dst, manager, verify=verify, external_data=external_data,
+                          provider=provider, tolerance=tolerance, progress=progress, in_place=in_place,
+                          reference=reference, start=start)
+
+
+def process_loaded(holder: list, src: str, dst: str, manager: PassManager, verify: bool = True,
+                   external_data: str | bool | None = None, provider: str = "CPUExecutionProvider",
+                   tolerance: float | None = None, progress=None, in_place: bool = False, reference=None,
+                   start: float | None = None) -> dict:
+    """`process` on a model already open: `holder`'s one item, the LensModel, and its only reference
+    (convert's export, held in memory). It is dropped once the rewrite is written, before
+    verification loads that; where nothing is written it stays in `holder`, unchanged. `src` names
+    the model in the report and in messages; `reference` as for `process`."""
+    start = time.perf_counter() if start is None else start
+    model = holder[0]
     report = {
         "input": src,
         "input_files": model.input_files,
@@ -89,6 +104,8 @@ def process(
     model.check(full=True)
     staged = model.stage(dst, external_data=external_data, replace_input=in_place)
     del model  # the rewritten weights are on disk now; verification needs the memory
+    holder.clear()
+    gc.collect()  # the graph's reference cycles hold its weights (in memory, for convert's export)
     with staged:
         if verify and changed:  # check the very files that will be published, one model at a time
             original = src if reference is None else reference

@@ -143,6 +143,32 @@ def test_convert_verifies_by_default_and_a_failing_verification_writes_nothing(c
     assert os.listdir(tmp_path) == []
 
 
+def test_an_export_no_pass_changes_is_published_checked_as_written(checkpoints, tmp_path, monkeypatch):
+    """convert checks the export in memory (onnxruntime over torch's graph and the torch weights) and
+    writes only the processed model; where no pass changes anything (RMSNorm: no centring) the export
+    itself is the model, written and then checked against torch once more, as written."""
+    from lensgraph.export import PendingCheck
+    from lensgraph.store.runner import Runner
+
+    checked = []
+    run = PendingCheck.run
+    monkeypatch.setattr(PendingCheck, "run", lambda self, model: checked.append(model) or run(self, model))
+    folder, model = checkpoints["llama"]
+    report = lensgraph.from_pretrained(folder, tmp_path / "out", fold_ln=False, center_unembed=False)
+    assert not report["changed"] and report["verification"] is None
+    assert [type(m) for m in checked] == [Runner, str] and checked[1].endswith("model.onnx")
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(["model.onnx", "model.hooks.onnx", "lensgraph.json",
+                                                           "generation_config.json", *_tokenizer_files(folder)])
+    ids = np.random.default_rng(4).integers(0, model.config.vocab_size, (2, 5))
+    assert_close(logits(str(tmp_path / "out" / "model.onnx"), ids), hf_logits(model, ids))
+    assert applied(str(tmp_path / "out" / "model.onnx")) == []
+
+
+def _tokenizer_files(folder) -> list[str]:
+    return [f for f in os.listdir(folder) if f.startswith("tokenizer") or f in ("special_tokens_map.json",
+                                                                                 "chat_template.jinja")]
+
+
 def test_convert_never_replaces_a_folder_it_did_not_write(checkpoints, tmp_path):
     folder, _ = checkpoints["gpt2"]
     mine = tmp_path / "mine"

@@ -59,7 +59,7 @@ class Runner:
         except Exception as exc:
             raise BadInputError(f"{self.label}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]})") from exc
         self.inputs = self.session.get_inputs()
-        self.given: dict = {}  # inputs with fixed values (weights held out of the graph)
+        self.given: dict = {}  # inputs with fixed values (weights held out of the graph), added to every run
         names = [o.name for o in self.session.get_outputs()]
         if not names:
             raise BadInputError(f"{self.label}: the graph has no outputs")
@@ -86,11 +86,12 @@ class Runner:
         return model
 
     def feeds(self, batch: int, seq: int, vocab: int, rng: np.random.Generator) -> dict:
+        """Values for the model's own inputs (token ids, mask, positions, an empty cache): the same
+        feeds run any equivalent graph, whatever it holds out as `given`."""
         feeds = {}
         for inp in self.inputs:
             name = inp.name
             if name in self.given:
-                feeds[name] = self.given[name]
                 continue
             if "past" in name and inp.type in FLOAT_TYPES:
                 # an empty cache: each graph's own cache differs (a folded value bias is not in it)
@@ -127,6 +128,8 @@ class Runner:
 
     def run_many(self, names: list[str], feeds: dict) -> list[np.ndarray]:
         try:
+            if self.given:
+                feeds = {**{i.name: self.given[i.name] for i in self.inputs if i.name in self.given}, **feeds}
             return self.session.run(names, feeds)
         except Exception as exc:
             raise BadInputError(f"{self.label}: onnxruntime failed to run it ({str(exc).splitlines()[0][:300]})") from exc
