@@ -423,8 +423,9 @@ def _weights_as_initializers(graph, tensors: dict, inputs: set) -> dict:
     """Every graph input that is a weight becomes an initializer viewing the torch tensor; a
     Transpose of a matrix (torch's nn.Linear) becomes the transposed view, as torch's constant
     folding would have written it, and is computed only as it is written. Returns the weights
-    by input name (writable views for onnxruntime's feeds; the initializers' views are read-only,
-    so that no rewrite can change the torch model's memory under the reference)."""
+    by input name, as onnxruntime's feeds. The initializers' views are read-only, as weights read
+    from a model file are: a tied embedding's table and its transposed view share their memory, so
+    a rewrite must never edit one in place."""
     import onnx_ir as ir
 
     weights = {}

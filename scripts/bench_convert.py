@@ -77,14 +77,22 @@ def float32_mib(folder: str) -> float:
     return n * 4 / 2**20, config.get("model_type")
 
 
+def program_in(tree: str, argv: list[str]) -> list[str]:
+    """The `lensgraph` program of the source tree `tree`, run as its console script runs it: `cli.run`
+    where the tree has it (it freezes what is left before the interpreter's last collections),
+    else `cli.main`."""
+    return ["env", f"PYTHONPATH={tree}", sys.executable, "-P", "-c",
+            f"import sys; sys.argv = ['lensgraph', *{argv!r}]; import lensgraph.cli as cli; "
+            "cli.run() if hasattr(cli, 'run') else sys.exit(cli.main())"]
+
+
 def convert_variants(folder: str, family: str, out: str, dynamo: bool, before: str | None = None) -> dict:
     variants = {"TransformerLens 4.3 boot + compatibility mode (baseline)":
                 [sys.executable, "-c", TL.format(folder=folder)]}
     variants["lensgraph convert (torchscript, verified)"] = [LENSGRAPH, "-q", "convert", folder, "-o", out + "-ts"]
     if before:
-        variants[f"lensgraph convert, code in {before}"] = [
-            "env", f"PYTHONPATH={before}", sys.executable, "-P", "-c", "import sys; from lensgraph.cli import main; "
-            f"sys.exit(main(['-q', 'convert', {folder!r}, '-o', {out + '-before'!r}]))"]
+        variants[f"lensgraph convert, code in {before}"] = program_in(before, ["-q", "convert", folder, "-o",
+                                                                          out + "-before"])
     if family == "llama":
         variants["lensgraph convert --exporter genai (verified)"] = [LENSGRAPH, "-q", "convert", folder, "-o",
                                                                      out + "-genai", "--exporter", "genai"]
@@ -205,9 +213,7 @@ def startup(args) -> None:
                        ("weights", ["weights", model])):
         variants[f"lensgraph {name} (gpt2-small)"] = [LENSGRAPH, *argv]
         if args.before:
-            variants[f"lensgraph {name}, code in {args.before}"] = [
-                "env", f"PYTHONPATH={args.before}", sys.executable, "-P", "-c",
-                f"import sys; from lensgraph.cli import main; sys.exit(main({argv!r}))"]
+            variants[f"lensgraph {name}, code in {args.before}"] = program_in(args.before, argv)
     results = summary(rounds(variants, args.startup_rounds))
     code = benchlib.timed(f"import onnxruntime\nimport lensgraph.process\nimport lensgraph\n#--\nlensgraph.process({os.path.join(raw, 'model.onnx')!r}, "
                           f"{out!r}, verify=False)\n")

@@ -55,3 +55,21 @@ def test_export_refuses_to_write_through_a_symlink(tmp_path, gpt2_hf):
     with pytest.raises(lensgraph.BadInputError, match="symbolic link"):
         export_model(gpt2_hf, link, exporter="torchscript")
     assert target.read_bytes() == b"keep"
+
+
+def test_an_export_held_in_memory_runs_on_the_torch_weights_and_writes_nothing(tmp_path, gpt2_hf, monkeypatch):
+    """convert's in-memory export: onnxruntime runs torch's graph fed the torch model's own tensors (no
+    copy, no file), its logits match torch's, and the graph lensgraph processes views the same memory
+    read-only (a tied table and its transposed view share it: nothing may edit either in place)."""
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    traced = lensgraph.export.export_in_memory(gpt2_hf, cache=True)
+    assert os.listdir(tmp_path) == []
+    table = gpt2_hf.transformer.wte.weight.detach().numpy()
+    views = [v.const_value.numpy() for v in traced.model.graph.initializers.values()
+             if v.const_value is not None and np.shares_memory(v.const_value.numpy(), table)]
+    assert len(views) == 2 and not any(v.flags.writeable for v in views)  # the table and the unembedding
+    with pytest.raises(ValueError, match="read-only"):
+        views[0][0, 0] = 0.0
+    assert traced.check.run(traced.runner("in memory")) <= 1e-4 * np.abs(traced.check.expected).max()
