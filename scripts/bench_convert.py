@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -45,7 +46,8 @@ TL = ("from transformer_lens.model_bridge import TransformerBridge\n"
 
 
 def command(argv: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in MiB) of one whole process."""
+    """(seconds, peak RSS in MiB) of one whole process. A child inherits its parent's peak through
+    fork and exec, so no figure is given once this process has grown (see `smollm2_folder`)."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err = proc.stderr.read()
@@ -53,7 +55,19 @@ def command(argv: list[str]) -> tuple[float, float]:
     seconds = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"failed: {' '.join(argv)}\n{err[-2000:]}")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if own > 100:
+        raise SystemExit(f"the benchmark's own peak ({own:.0f} MiB) would be every child's floor")
     return seconds, usage.ru_maxrss / 1024
+
+
+def smollm2_folder() -> str:
+    """SmolLM2's safetensors folder, made (once) in a child process: making it loads the model, and
+    the peak this process reached would be every later child's floor."""
+    scripts = os.path.dirname(os.path.abspath(__file__))
+    code = "import benchlib; print(benchlib.smollm2_folder())"
+    return subprocess.run([sys.executable, "-c", code], cwd=scripts, check=True, capture_output=True,
+                          text=True).stdout.strip().splitlines()[-1]
 
 
 def gpt2_small_folder() -> str:
@@ -62,7 +76,7 @@ def gpt2_small_folder() -> str:
         code = ("from lensgraph.tiny_models import tiny_gpt2\n"
                 f"tiny_gpt2(**{benchlib.SIZES['gpt2-small']!r}).save_pretrained({folder!r})\n"
                 "import transformers as tf\n"  # TransformerLens boots only with a tokenizer beside the weights
-                f"tf.AutoTokenizer.from_pretrained({benchlib.smollm2_folder()!r}).save_pretrained({folder!r})\n")
+                f"tf.AutoTokenizer.from_pretrained({smollm2_folder()!r}).save_pretrained({folder!r})\n")
         subprocess.run([sys.executable, "-c", code], check=True)
     return folder
 
@@ -131,7 +145,7 @@ def main(argv=None) -> None:
     p.add_argument("--cache-choice", action="store_true", help="measure the KV-cache layouts on SmolLM2")
     args = p.parse_args(argv)
     os.makedirs(args.dir, exist_ok=True)
-    folders = {"gpt2-small": gpt2_small_folder, "smollm2": benchlib.smollm2_folder}
+    folders = {"gpt2-small": gpt2_small_folder, "smollm2": smollm2_folder}
     print(f"# bench_convert: {args.rounds} interleaved rounds, whole processes, {benchlib.now()}")
     for name in filter(None, args.models.split(",")):  # --models '': no convert comparison
         folder = folders[name]()
@@ -160,7 +174,7 @@ def folder_mib(path: str) -> float:
 
 def cache_choice(args) -> None:
     """One KV-cache graph (the default) against a plain graph plus a second, KV-cache graph."""
-    source = benchlib.smollm2_folder()
+    source = smollm2_folder()
     out = os.path.join(args.dir, "cache-choice")
     os.makedirs(out, exist_ok=True)
     kv_file, kv_lens = os.path.join(out, "second.onnx"), os.path.join(out, "second.lens.onnx")
