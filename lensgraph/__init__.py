@@ -10,8 +10,11 @@ import importlib
 import sys
 import types
 
+from . import sympy_on_use
 from ._version import __version__
 from .errors import BadInputError, LensError, VerificationError
+
+sympy_on_use.install()
 
 _WHERE = {
     "ActivationCache": ".interp.activation_cache", "run_with_cache": ".interp.cache",

@@ -110,13 +110,24 @@ def test_light_commands_import_nothing_heavy(argv):
 def test_each_command_imports_only_what_it_uses(gpt2_exports, argv):
     argv = [argv[0], gpt2_exports["dynamo"], *argv[1:]]
     done = python("import sys\nfrom lensgraph.cli import main\nmain(%r)\n"
-                  "print('torch' in sys.modules, 'transformers' in sys.modules, 'onnxruntime' in sys.modules)" % argv)
+                  "print('torch' in sys.modules, 'transformers' in sys.modules, 'onnxruntime' in sys.modules, "
+                  "'sympy' in sys.modules)" % argv)
     runs_a_session = argv[0] != "inspect"  # hooks and weights measure the head layout in onnxruntime
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == f"False False {runs_a_session}", done.stdout
+    assert done.stdout.strip().splitlines()[-1] == f"False False {runs_a_session} False", done.stdout
     done = python("import lensgraph, sys; print([m for m in %r if m in sys.modules]); "
                   "print(lensgraph.process.__module__, lensgraph.verify.__module__)" % (HEAVY,))
     assert done.stdout.split("\n")[:2] == ["[]", "lensgraph.process lensgraph.verify"], done.stderr
+
+
+def test_onnx_ir_comes_in_without_sympy_and_imports_it_when_asked():
+    """sympy stands in while onnx-ir is imported; the first symbolic arithmetic imports the real one,
+    which is then the one module every importer sees."""
+    done = python("import sys, lensgraph.store.model\nimport onnx_ir as ir\nprint('sympy' in sys.modules)\n"
+                  "d = ir.SymbolicDim('batch') * 2 + 1\nimport sympy, onnx_ir._core, onnx_ir._symbolic_shapes as s\n"
+                  "print(d, onnx_ir._core.sympy.Expr is sympy.Expr, type(s.parse_symbolic_expression('n')))")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["False", "2*batch + 1 True <class 'sympy.core.symbol.Symbol'>"], done.stdout
 
 
 def test_readme_says_what_the_two_commands_need_and_how_to_run_lensgraph_after():

@@ -77,3 +77,19 @@ def test_weights_are_arrays_of_their_own_unless_a_view_is_asked(family_exports):
         assert arr.flags.writeable and arr.flags.owndata, name  # free of the file: a user may change it
         assert arr.dtype == viewed[name].dtype and np.array_equal(arr, viewed[name]), name
     assert not viewed["embed.W_E"].flags.writeable  # as stored: the file's own bytes, not copied
+    assert viewed["blocks.0.attn.W_Q"].base is not None  # the heads strided over the stored map: a listing reads nothing
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_heads_are_taken_as_a_view_where_evenly_laid_out_and_copied_where_not(axis):
+    from lensgraph.interp.tl_weights import _per_head
+
+    w = np.arange(40 * 36, dtype=np.float32).reshape(40, 36)
+    w = w if axis == 1 else w.T.copy().T  # a stored layout seen transposed, as a Transpose or transB gives
+    blocks = 4 + np.arange(3)[:, None] * 10 + np.arange(5) * 2  # 3 heads of 5, every other column
+    shuffled = np.random.default_rng(0).permutation(36)[:15].reshape(3, 5)
+    for index, view in ((blocks, True), (shuffled, False)):
+        got = _per_head(w, index, axis)
+        want = np.stack([np.take(w, i, axis=axis) for i in index])
+        assert got.shape == want.shape and np.array_equal(got, want)
+        assert (got.base is not None and not got.flags.writeable) == view

@@ -17,6 +17,7 @@ import fnmatch
 import os
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from ..errors import BadInputError, LensError
 from ..graph import match
@@ -54,7 +55,7 @@ def tl_weights(model, names: str | list[str] | None = None, copy: bool = True) -
 
     def table(writer):
         source, path = match.back(writer.node.inputs[writer.idx], TABLE_PATH_OPS)
-        arr = store.stored(source)
+        arr = store.stored(source, populate=copy)
         return arr.T if sum(p.op_type == "Transpose" for p in path) % 2 else arr
 
     for writer in anatomy.writers:
@@ -73,13 +74,14 @@ def tl_weights(model, names: str | list[str] | None = None, copy: bool = True) -
         if isinstance(layout, str):
             out.missing[p + "attn.*"] = layout
         else:
-            _attention(out, linear, p, layout)
+            _attention(out, linear, p, layout, populate=copy)
         if layer.mlp is not None:
-            _mlp(out, linear, p, layer.mlp.linear)
+            _mlp(out, linear, p, layer.mlp.linear, populate=copy)
     _norm(out, store, "ln_final", anatomy.final_norm)
     if anatomy.unembed is not None:
         unembed = anatomy.unembed
-        out["unembed.W_U"], out["unembed.b_U"] = linear.weight(unembed, stored=True), linear.bias(unembed)
+        out["unembed.W_U"] = linear.weight(unembed, stored=True, populate=copy)
+        out["unembed.b_U"] = linear.bias(unembed)
     else:
         out.missing["unembed.*"] = anatomy.unembed_blocker or "no unembedding"
     if names is not None:
@@ -111,22 +113,39 @@ def _norm(out: TLWeights, store, key: str, norm) -> None:
         out[f"{key}.b"] = b
 
 
-def _attention(out: TLWeights, linear: LinearWeights, p: str, layout) -> None:
+def _attention(out: TLWeights, linear: LinearWeights, p: str, layout, populate: bool) -> None:
     """W_Q/W_K/W_V [heads, d_model, d_head] and their biases, W_O [heads, d_head, d_model], b_O; with
     grouped-query attention the key and value heads as TransformerLens stores them (_W_K, _b_K, ...)."""
     grouped = layout.n_kv_heads < layout.n_heads
     for name, lin, cols in (("Q", layout.q, layout.q_cols), ("K", layout.k, layout.k_cols),
                             ("V", layout.v, layout.v_cols)):
-        w, b = linear.weight(lin, stored=True), linear.bias(lin)
+        w, b = linear.weight(lin, stored=True, populate=populate), linear.bias(lin)
         prefix = "_" if grouped and name in "KV" else ""
-        out[f"{p}attn.{prefix}W_{name}"] = np.stack([w[:, c] for c in cols])
+        out[f"{p}attn.{prefix}W_{name}"] = _per_head(w, cols, axis=1)
         out[f"{p}attn.{prefix}b_{name}"] = np.stack([b[c] for c in cols])
-    w_o = linear.weight(layout.o, stored=True)
-    out[f"{p}attn.W_O"] = np.stack([w_o[rows] for rows in layout.o_rows])
+    w_o = linear.weight(layout.o, stored=True, populate=populate)
+    out[f"{p}attn.W_O"] = _per_head(w_o, layout.o_rows, axis=0)
     out[f"{p}attn.b_O"] = linear.bias(layout.o)
 
 
-def _mlp(out: TLWeights, linear: LinearWeights, p: str, down) -> None:
+def _per_head(w: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+    """`w` taken at `index[h]` along `axis` for each head h, heads first. Where the index steps
+    evenly (the layouts exporters write: q|k|v blocks, heads interleaved, separate maps) this is a
+    read-only view, so a listing reads no values; otherwise a copy."""
+    n, d = index.shape
+    start = int(index[0, 0])
+    head_step = int(index[1, 0]) - start if n > 1 else 0
+    step = int(index[0, 1]) - start if d > 1 else 1
+    if head_step < 0 or step <= 0 or not np.array_equal(
+            index, start + head_step * np.arange(n)[:, None] + step * np.arange(d)):
+        return np.stack([np.take(w, i, axis=axis) for i in index])
+    s = w.strides
+    if axis == 1:  # [d_model, columns] -> [heads, d_model, d_head]
+        return as_strided(w[:, start:], (n, w.shape[0], d), (head_step * s[1], s[0], step * s[1]), writeable=False)
+    return as_strided(w[start:], (n, d, w.shape[1]), (head_step * s[0], step * s[0], s[1]), writeable=False)
+
+
+def _mlp(out: TLWeights, linear: LinearWeights, p: str, down, populate: bool) -> None:
     post, _ = match.back(down.node.inputs[0])
     pre, branch = mlp_branches(post)
     gate = linear_producing(match.back(pre)[0]) if not isinstance(pre, str) else None
@@ -134,9 +153,13 @@ def _mlp(out: TLWeights, linear: LinearWeights, p: str, down) -> None:
     if gate is None or (not isinstance(branch, str) and up is None):
         out.missing[p + "mlp.*"] = pre if isinstance(pre, str) else "the MLP's maps are slices of a packed map"
         return
+
+    def weight(lin):
+        return linear.weight(lin, stored=True, populate=populate)
+
     if up is None:  # act(W_in x)
-        out[p + "mlp.W_in"], out[p + "mlp.b_in"] = linear.weight(gate, stored=True), linear.bias(gate)
+        out[p + "mlp.W_in"], out[p + "mlp.b_in"] = weight(gate), linear.bias(gate)
     else:  # act(W_gate x) * (W_in x)
-        out[p + "mlp.W_gate"], out[p + "mlp.W_in"] = linear.weight(gate, stored=True), linear.weight(up, stored=True)
+        out[p + "mlp.W_gate"], out[p + "mlp.W_in"] = weight(gate), weight(up)
         out[p + "mlp.b_in"] = linear.bias(up)
-    out[p + "mlp.W_out"], out[p + "mlp.b_out"] = linear.weight(down, stored=True), linear.bias(down)
+    out[p + "mlp.W_out"], out[p + "mlp.b_out"] = weight(down), linear.bias(down)

@@ -33,8 +33,10 @@ class FileTensor(ir.LazyTensor):
     def _read(self) -> ir.Tensor:
         return ir.Tensor(np.array(self.mapped()), name=self.name)  # a copy: the map goes with the view
 
-    def mapped(self) -> np.ndarray:
-        """The stored values, read-only, over a memory map that is unmapped with the array."""
+    def mapped(self, populate: bool = True) -> np.ndarray:
+        """The stored values, read-only, over a memory map that is unmapped with the array. With
+        `populate` every page is mapped at once (for a reader of all of it); without, only the pages
+        read become resident (a listing of shapes reads none)."""
         shape, dtype = self.shape.numpy(), np.dtype(self.dtype.numpy()).newbyteorder("<")
         if self.nbytes == 0:
             return np.empty(shape, dtype)
@@ -46,7 +48,7 @@ class FileTensor(ir.LazyTensor):
             if os.fstat(fd).st_size < self.offset + self.nbytes:  # a map past the end would crash
                 raise OSError(f"file ended before tensor {self.name!r} was read")
             start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
-            view = mmap.mmap(fd, self.offset + self.nbytes - start, flags=mmap.MAP_SHARED | _POPULATE,
+            view = mmap.mmap(fd, self.offset + self.nbytes - start, flags=mmap.MAP_SHARED | (_POPULATE if populate else 0),
                              prot=mmap.PROT_READ, offset=start)
         return np.frombuffer(view, dtype, count=self.size, offset=self.offset - start).reshape(shape)
 

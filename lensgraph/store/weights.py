@@ -43,12 +43,13 @@ class WeightStore:
             raise ValueError(f"{value.name}: a matrix was expected, found shape {tuple(tensor.shape)}")
         return Deferred.of(tensor)
 
-    def stored(self, value: ir.Value) -> np.ndarray:
+    def stored(self, value: ir.Value, populate: bool = True) -> np.ndarray:
         """The values as stored (read-only use: checks that need no float64 copy). A weight still in
-        its file is its memory map (read-only, no copy): a caller that keeps it copies it."""
+        its file is its memory map (read-only, no copy; see FileTensor.mapped for `populate`): a
+        caller that keeps it copies it."""
         source = match.const_source(value)
         if source is not None and isinstance(source.const_value, FileTensor):
-            return source.const_value.mapped()
+            return source.const_value.mapped(populate)
         arr = match.const_value(value)
         if arr is None:
             raise ValueError(f"{value.name} is not a constant")
@@ -161,10 +162,10 @@ class LinearWeights:
         """Post-condition on W as [in, out]: zero mean over `axis` (see WeightStore.expect_centred)."""
         return self.store.expect_centred(lin.source, axis, what, view=self.matrix(lin))
 
-    def weight(self, lin, stored: bool = False) -> np.ndarray:
+    def weight(self, lin, stored: bool = False, populate: bool = True) -> np.ndarray:
         """W as [in, out] in float64 (a fresh copy), or with `stored` as kept (read-only: checks, and
-        copies that compute nothing)."""
-        arr = self.store.stored(lin.source) if stored else self.store.read(lin.source)
+        copies that compute nothing; `populate` as in WeightStore.stored)."""
+        arr = self.store.stored(lin.source, populate) if stored else self.store.read(lin.source)
         for node in reversed(lin.path):
             if node.op_type == "Transpose":
                 arr = arr.T
