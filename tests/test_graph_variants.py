@@ -170,3 +170,24 @@ def test_partly_understood_model_gets_the_safe_subset(gpt2_exports, tmp_path):
     assert report["verification"]["ok"] and logits_gap(src, str(out)) < 1e-5
     x = feeds()
     np.testing.assert_allclose(run(src, x)["probe_relu"], run(str(out), x)["probe_relu"], atol=1e-5)
+
+
+def test_the_probes_zero_weights_are_private_maps_that_hold_no_memory():
+    """The probes feed zeros for the weights they hold out of the graph. numpy's zeros are heap
+    memory in a process that has freed large arrays (placing convert's points grew it by 400 MiB),
+    so they are private anonymous maps, which read as the kernel's zero page until written."""
+    import mmap
+
+    from lensgraph.graph.probe import zeros
+
+    def rss_mib():
+        with open("/proc/self/status") as f:
+            return int(next(ln for ln in f if ln.startswith("VmRSS")).split()[1]) // 1024
+
+    before = rss_mib()
+    arrays = [zeros((512, 1024), np.float32) for _ in range(96)]  # 192 MiB
+    assert all(a.shape == (512, 1024) and a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+    assert all(isinstance(a.base.base.obj, mmap.mmap) for a in arrays)  # shaped, over a view of the map
+    assert sum(float(np.abs(a).max()) for a in arrays) == 0.0  # read in full: still zeros, and still no memory
+    assert rss_mib() - before < 32
+    assert zeros((3,), np.float16).tolist() == [0.0, 0.0, 0.0]  # below a page: plain numpy zeros

@@ -20,7 +20,7 @@ from onnx import helper
 from . import match
 from .anatomy import Attention
 from .linear import Linear, linear_producing
-from .probe import BASE, WIDE_BASE, _prune, probe_runner
+from .probe import BASE, WIDE_BASE, _prune, probe_runner, zeros_for
 
 SCORE_OPS = {"Add", "Sub", "Mul", "Div", "Where", "Tanh", "Cast", "Identity", "Dropout"}  # scale, cap, mask
 # How a query or key is made from its map's output: re-layouts and slices (the data is input 0),
@@ -141,7 +141,6 @@ def _single_map(value) -> Linear | str:
 def _measure(proto, held_out: dict, plans: dict, results: list, provider: str, path) -> None:
     graph = proto.graph
     producers = {out: node for node in graph.node for out in node.output}
-    given = {name: np.zeros(shape, dtype) for name, (shape, dtype) in held_out.items()}
     coded: dict[str, tuple[int, np.dtype, int]] = {}  # map output name -> (columns, dtype, rank)
     for i, plan in plans.items():
         for lin in (plan.q, plan.k, plan.att.v):
@@ -163,6 +162,7 @@ def _measure(proto, held_out: dict, plans: dict, results: list, provider: str, p
         return
     reads = {i: [p.qk.inputs[0].name, p.qk.inputs[1].name, p.att.o.node.inputs[0].name] for i, p in live.items()}
     _prune(graph, [name for names in reads.values() for name in names])
+    given = zeros_for(graph, held_out)
     runner = probe_runner(proto, provider, "the head-layout probe", path)
     runner.given = given
     base = WIDE_BASE if all(d.itemsize >= 4 for _, d, _ in coded.values()) else BASE
