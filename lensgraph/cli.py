@@ -469,14 +469,20 @@ def _hooks(args) -> int:
     from .store.model import LensModel
 
     say = _say(args)
-    model = LensModel.load(_model(args.input))
     if args.list:
-        placement = place(model.graph, model=model)
-        for name, point in placement.points.items():
-            print(f"  {name}: {point.found}")
-        for line in _grouped(placement.unplaced, template):
+        from .interp.cache import recorded_placement
+
+        listing = recorded_placement(args.input)  # a converted folder's points graph, made from this file
+        if listing is None:
+            model = LensModel.load(_model(args.input))
+            placement = place(model.graph, model=model)
+            listing = {n: p.found for n, p in placement.points.items()}, placement.unplaced
+        for name, found in listing[0].items():
+            print(f"  {name}: {found}")
+        for line in _grouped(listing[1], template):
             print(f"  not placed: {line}")
         return 0
+    model = LensModel.load(_model(args.input))
     if not args.output:
         raise BadInputError("give the output file with -o (or --list to only list the points)")
     report = add_hooks(model, args.points)

@@ -164,6 +164,34 @@ def test_every_command_takes_the_folder(folders, tmp_path, capsys, monkeypatch):
     assert cli(capsys, "view", folder)[0] == 0 and served == [os.path.join(folder, "model.onnx")]
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hooks_list_on_a_folder_reads_the_placement_convert_recorded(folders, family, tmp_path, capsys, monkeypatch):
+    """`hooks --list` on a converted folder lists the points graph's record (what run_with_cache uses),
+    the same listing as placing the points afresh on the model file alone; where the model file is not
+    the one the record was made from, the points are placed again."""
+    from lensgraph.graph import hookpoints
+
+    _, folder, _ = folders(family)
+    capsys.readouterr()  # what making the folder printed
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in os.listdir(folder):
+        if name.startswith("model.onnx"):  # the model and its data, without model.hooks.onnx
+            shutil.copy(os.path.join(folder, name), alone / name)
+    code, fresh, err = cli(capsys, "hooks", alone / "model.onnx", "--list")
+    assert code == 0 and err == "" and "hook_resid_post" in fresh
+    placed = []
+    real_place = hookpoints.place
+    monkeypatch.setattr(hookpoints, "place", lambda *a, **k: placed.append(1) or real_place(*a, **k))
+    assert cli(capsys, "hooks", folder, "--list")[1:] == (fresh, "") and not placed
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    model = onnx.load(str(changed / "model.onnx"), load_external_data=False)
+    model.doc_string = "edited after convert"
+    onnx.save(model, str(changed / "model.onnx"))
+    assert cli(capsys, "hooks", changed, "--list")[1:] == (fresh, "") and placed
+
+
 def test_a_path_that_is_not_a_model_names_itself_and_the_command_that_makes_one(folders, tmp_path, capsys):
     ckpt, folder, _ = folders("gpt2")
     empty = tmp_path / "empty"

@@ -65,7 +65,9 @@ def points_graph(path: str, on_request: bool = True) -> tuple[onnx.ModelProto, d
     about = {"model": os.path.basename(path), "sha256": _sha256(path), "outputs": own,
              "left_out": [n for n in placement.points if n not in outputs],
              "limits": list(id_limits(placement.anatomy)) if placement.anatomy else [None, None],
-             "cache_dims": dims}
+             "cache_dims": dims,
+             "placement": {"points": {n: p.found for n, p in placement.points.items()},
+                           "unplaced": placement.unplaced}}
     out = ir.serde.serialize_model(model)
     for key, value in ((POINTS_KEY, outputs), (ABOUT_KEY, about)):
         entry = next((p for p in out.metadata_props if p.key == key), None) or out.metadata_props.add(key=key)
@@ -138,6 +140,28 @@ def _saved(files: ModelFiles, path: str) -> tuple | None:
     if about.get("model") != os.path.basename(path) or about.get("sha256") != _sha256(path):
         return None
     return proto, outputs, about
+
+
+def recorded_placement(model) -> tuple[dict, dict] | None:
+    """({point: where it was found}, {point: why it is not placed}) as the folder's points graph records
+    them, if it was made from this very model file: the placement run_with_cache uses, read without
+    placing the points again. None where there is no such record (place them then)."""
+    files = resolve(model)
+    if not files.points:
+        return None
+    from ..store import wire
+
+    try:  # only the metadata is read: nothing is run, no reference followed
+        data, _ = wire.skeleton(files.points)
+        meta = {p.key: p.value for p in onnx.ModelProto.FromString(data).metadata_props}
+        about = json.loads(meta[ABOUT_KEY])
+        placement = about["placement"]
+        recorded = dict(placement["points"]), dict(placement["unplaced"])
+    except Exception:  # unreadable, or written before placements were recorded: place them again
+        return None
+    if about.get("model") != os.path.basename(files.model) or about.get("sha256") != _sha256(files.model):
+        return None
+    return recorded
 
 
 def _file_key(model: str) -> tuple[str, tuple]:
