@@ -224,11 +224,11 @@ def startup(args) -> None:
     folder = os.path.dirname(model)
     variants["reading the folder's model files (cat)"] = ["sh", "-c", f"cat {folder}/model.onnx* > /dev/null"]
     alone = os.path.join(args.dir, "gpt2-small-alone")  # the folder's model files without its points graph
-    if not os.path.exists(alone):
+    if not os.path.exists(alone):  # copies: lensgraph refuses a data file with other hard links
         os.makedirs(alone)
         for name in os.listdir(folder):
             if name.startswith("model.onnx"):
-                os.link(os.path.join(folder, name), os.path.join(alone, name))
+                shutil.copyfile(os.path.join(folder, name), os.path.join(alone, name))
     for name, argv in (("inspect", ["inspect", model]), ("hooks --list", ["hooks", model, "--list"]),
                        ("hooks --list, the model file alone", ["hooks", os.path.join(alone, "model.onnx"), "--list"]),
                        ("weights", ["weights", model])):
