@@ -77,7 +77,7 @@ def test_weights_are_arrays_of_their_own_unless_a_view_is_asked(family_exports):
         assert arr.flags.writeable and arr.flags.owndata, name  # free of the file: a user may change it
         assert arr.dtype == viewed[name].dtype and np.array_equal(arr, viewed[name]), name
     assert not viewed["embed.W_E"].flags.writeable  # as stored: the file's own bytes, not copied
-    assert viewed["blocks.0.attn.W_Q"].base is not None  # the heads strided over the stored map: a listing reads nothing
+    assert viewed["blocks.0.attn.W_Q"].base is not None  # heads strided over the stored map: nothing read
 
 
 @pytest.mark.parametrize("axis", [0, 1])

@@ -48,8 +48,8 @@ class FileTensor(ir.LazyTensor):
             if os.fstat(fd).st_size < self.offset + self.nbytes:  # a map past the end would crash
                 raise OSError(f"file ended before tensor {self.name!r} was read")
             start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
-            view = mmap.mmap(fd, self.offset + self.nbytes - start, flags=mmap.MAP_SHARED | (_POPULATE if populate else 0),
-                             prot=mmap.PROT_READ, offset=start)
+            flags = mmap.MAP_SHARED | (_POPULATE if populate else 0)
+            view = mmap.mmap(fd, self.offset + self.nbytes - start, flags=flags, prot=mmap.PROT_READ, offset=start)
         return np.frombuffer(view, dtype, count=self.size, offset=self.offset - start).reshape(shape)
 
     def copy_to(self, f) -> None:
