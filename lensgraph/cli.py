@@ -470,7 +470,7 @@ def _hooks(args) -> int:
 
     say = _say(args)
     if args.list:
-        from .interp.cache import recorded_placement
+        from .interp.points_record import recorded_placement
 
         listing = recorded_placement(args.input)  # a converted folder's points graph, made from this file
         if listing is None:

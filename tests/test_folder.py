@@ -192,6 +192,36 @@ def test_hooks_list_on_a_folder_reads_the_placement_convert_recorded(folders, fa
     assert cli(capsys, "hooks", changed, "--list")[1:] == (fresh, "") and placed
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_tl_weights_of_a_folder_use_the_head_layouts_convert_recorded(folders, family, tmp_path, monkeypatch):
+    """tl_weights on a converted folder rebuilds the head layouts its points graph records rather than
+    measuring them again, and gives exactly the weights measured afresh on the model file alone; a model
+    file changed since is measured again."""
+    from lensgraph.interp import tl_weights as tl_module
+
+    _, folder, _ = folders(family)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in os.listdir(folder):
+        if name.startswith("model.onnx"):  # the model and its data, without model.hooks.onnx
+            shutil.copy(os.path.join(folder, name), alone / name)
+    fresh = lensgraph.tl_weights(alone / "model.onnx")
+    measured = []
+    real = tl_module.head_layout
+    monkeypatch.setattr(tl_module, "head_layout", lambda *a, **k: measured.append(1) or real(*a, **k))
+    got = lensgraph.tl_weights(folder)
+    assert not measured and set(got) == set(fresh) and got.missing == fresh.missing
+    assert any(".attn.W_Q" in k for k in got)
+    for name in fresh:
+        assert got[name].dtype == fresh[name].dtype and np.array_equal(got[name], fresh[name]), name
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    model = onnx.load(str(changed / "model.onnx"), load_external_data=False)
+    model.doc_string = "edited after convert"
+    onnx.save(model, str(changed / "model.onnx"))
+    assert set(lensgraph.tl_weights(changed)) == set(fresh) and measured
+
+
 def test_a_path_that_is_not_a_model_names_itself_and_the_command_that_makes_one(folders, tmp_path, capsys):
     ckpt, folder, _ = folders("gpt2")
     empty = tmp_path / "empty"

@@ -70,6 +70,34 @@ def head_layout(model, attentions: list[Attention], provider: str = "CPUExecutio
     return results
 
 
+def layout_record(attentions: list[Attention], layouts: dict) -> dict:
+    """The measured layouts (output projection node id -> HeadLayout, as placement keeps them) as plain
+    data by output projection name, for `recorded` to rebuild on the same graph; {} unless every block
+    was measured."""
+    record = {}
+    for att in attentions:
+        found = layouts.get(id(att.o.node))
+        if not isinstance(found, HeadLayout):
+            return {}
+        record[att.o.node.name] = {"q": found.q.node.name, "k": found.k.node.name, "q_cols": found.q_cols.tolist(),
+                                   "k_cols": found.k_cols.tolist(), "v_cols": found.v_cols.tolist(),
+                                   "o_rows": found.o_rows.tolist(), "k_heads": found.k_heads.tolist()}
+    return record
+
+
+def recorded(attentions: list[Attention], record: dict) -> list | None:
+    """head_layout's results rebuilt from `layout_record`'s data, made on this very graph (the caller
+    checks that); None where any block's record is missing or names other maps."""
+    results = []
+    for att in attentions:
+        rec, plan = record.get(att.o.node.name), _plan(att)
+        if rec is None or isinstance(plan, str) or (plan.q.node.name, plan.k.node.name) != (rec["q"], rec["k"]):
+            return None
+        cols = [np.array(rec[key], dtype=np.int64) for key in ("q_cols", "k_cols", "v_cols", "o_rows", "k_heads")]
+        results.append(HeadLayout(plan.q, plan.k, att.v, *cols[:4], att.o, cols[4], plan.qk, plan.rotary))
+    return results
+
+
 @dataclass
 class _Plan:
     att: Attention

@@ -91,6 +91,7 @@ class Placement:
     unplaced: dict[str, str] = field(default_factory=dict)  # point name -> reason
     n_layers: int = 0
     anatomy: Anatomy | None = None
+    layouts: dict = field(default_factory=dict)  # output projection node id -> HeadLayout or a reason
 
     @property
     def names(self) -> list[str]:
@@ -143,7 +144,7 @@ def place(graph: ir.Graph, anatomy: Anatomy | None = None, model=None) -> Placem
         put("hook_pos_embed", "no learned position table writes into the residual stream (rotary or no positions)"
             if not positions else f"{len(positions)} position tables write into the stream")
 
-    layouts = _layouts(anatomy, model)
+    layouts = result.layouts = _layouts(anatomy, model)
     for layer in layers:
         l, p = layer.index, f"blocks.{layer.index}."
         for suffix, found in _heads(p, layer, layouts).items():

@@ -15,7 +15,6 @@ on offer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -24,16 +23,16 @@ import onnx
 
 from ..errors import BadInputError
 from ..graph import match
+from ..graph.heads import layout_record
 from ..graph.hookpoints import place
 from ..store.model import LensModel, infer_shapes
 from ..store.resolve import ModelFiles, resolve
 from ..store.runner import FLOAT_TYPES, Runner, cache_dims, config_cache_dims, empty_past, fused_cache_dims
 from .activation_cache import ActivationCache
 from .hooks import add_hooks, remove_hooks, select
+from .points_record import ABOUT_KEY, LAYOUTS_KEY, POINTS_KEY, sha256_of
 from .tokens import prompt
 
-POINTS_KEY = "lensgraph.points"  # in a points graph: {point: the graph output that holds it}
-ABOUT_KEY = "lensgraph.points_of"  # the model it was made from, and what run_with_cache needs to know of it
 # onnxruntime's basic graph optimisations for run_with_cache's sessions: on SmolLM2-135M a session builds in
 # 1.9 s rather than 2.6 s (all optimisations), and runs 128 tokens in the same time (docs/benchmarks.md)
 OPTIMIZATION = "ORT_ENABLE_BASIC"
@@ -62,14 +61,15 @@ def points_graph(path: str, on_request: bool = True) -> tuple[onnx.ModelProto, d
     names = list(placement.points) if on_request else select(list(placement.points), None)
     outputs = add_hooks(lens, names, copies=False, placement=placement).outputs if names else {}
     dims = {**config_cache_dims(path), **fused_cache_dims(proto.graph)}  # cache_dims(path), without a second open
-    about = {"model": os.path.basename(path), "sha256": _sha256(path), "outputs": own,
+    about = {"model": os.path.basename(path), "sha256": sha256_of(path), "outputs": own,
              "left_out": [n for n in placement.points if n not in outputs],
              "limits": list(id_limits(placement.anatomy)) if placement.anatomy else [None, None],
              "cache_dims": dims,
              "placement": {"points": {n: p.found for n, p in placement.points.items()},
                            "unplaced": placement.unplaced}}
     out = ir.serde.serialize_model(model)
-    for key, value in ((POINTS_KEY, outputs), (ABOUT_KEY, about)):
+    layouts = layout_record(placement.anatomy.attention, placement.layouts) if placement.anatomy else {}
+    for key, value in ((POINTS_KEY, outputs), (ABOUT_KEY, about), (LAYOUTS_KEY, layouts)):
         entry = next((p for p in out.metadata_props if p.key == key), None) or out.metadata_props.add(key=key)
         entry.value = json.dumps(value)
     return out, outputs, about
@@ -91,14 +91,6 @@ def save_points(model_path: str, out_path: str) -> int:
     with open(out_path, "wb") as f:
         f.write(proto.SerializeToString())
     return len(outputs)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def id_limits(anatomy) -> tuple[int | None, int | None]:
@@ -137,31 +129,9 @@ def _saved(files: ModelFiles, path: str) -> tuple | None:
         outputs, about = json.loads(meta[POINTS_KEY]), json.loads(meta[ABOUT_KEY])
     except (KeyError, ValueError):
         return None
-    if about.get("model") != os.path.basename(path) or about.get("sha256") != _sha256(path):
+    if about.get("model") != os.path.basename(path) or about.get("sha256") != sha256_of(path):
         return None
     return proto, outputs, about
-
-
-def recorded_placement(model) -> tuple[dict, dict] | None:
-    """({point: where it was found}, {point: why it is not placed}) as the folder's points graph records
-    them, if it was made from this very model file: the placement run_with_cache uses, read without
-    placing the points again. None where there is no such record (place them then)."""
-    files = resolve(model)
-    if not files.points:
-        return None
-    from ..store import wire
-
-    try:  # only the metadata is read: nothing is run, no reference followed
-        data, _ = wire.skeleton(files.points)
-        meta = {p.key: p.value for p in onnx.ModelProto.FromString(data).metadata_props}
-        about = json.loads(meta[ABOUT_KEY])
-        placement = about["placement"]
-        recorded = dict(placement["points"]), dict(placement["unplaced"])
-    except Exception:  # unreadable, or written before placements were recorded: place them again
-        return None
-    if about.get("model") != os.path.basename(files.model) or about.get("sha256") != _sha256(files.model):
-        return None
-    return recorded
 
 
 def _file_key(model: str) -> tuple[str, tuple]:

@@ -22,13 +22,14 @@ from numpy.lib.stride_tricks import as_strided
 from ..errors import BadInputError, LensError
 from ..graph import match
 from ..graph.anatomy import analyse
-from ..graph.heads import head_layout
+from ..graph.heads import head_layout, recorded
 from ..graph.linear import linear_producing
 from ..graph.sublayers import mlp_branches
 from ..graph.stream import TABLE_PATH_OPS
 from ..store.model import LensModel
 from ..store.resolve import resolve
 from ..store.weights import LinearWeights
+from .points_record import recorded_layouts
 
 
 class TLWeights(dict):
@@ -43,7 +44,9 @@ def tl_weights(model, names: str | list[str] | None = None, copy: bool = True) -
     """The weights of `model` (a path or a LensModel) by TransformerLens name; `names`: globs to keep.
     Each is a fresh array of its own; with `copy` off, a weight kept as stored may be a read-only view
     of the file (listing names and shapes reads next to nothing)."""
+    record = {}
     if isinstance(model, (str, os.PathLike)):
+        record = recorded_layouts(model)  # a converted folder's, measured on this very file
         model = LensModel.load(resolve(model).model)
     elif not isinstance(model, LensModel):
         raise BadInputError(f"model must be a path or a LensModel, not {type(model).__name__}")
@@ -63,7 +66,8 @@ def tl_weights(model, names: str | list[str] | None = None, copy: bool = True) -
             out["embed.W_E"] = table(writer)
         elif writer.role == "pos_embed":
             out["pos_embed.W_pos"] = table(writer)
-    layouts = dict(zip([id(a) for a in anatomy.attention], head_layout(model, anatomy.attention)))
+    found = (recorded(anatomy.attention, record) if record else None) or head_layout(model, anatomy.attention)
+    layouts = dict(zip([id(a) for a in anatomy.attention], found))
     by_o = {id(a.o.node): a for a in anatomy.attention}
     for layer in anatomy.layers:
         p = f"blocks.{layer.index}."
