@@ -149,6 +149,7 @@ def test_run_with_cache_on_the_folder_gives_huggingfaces_activations(folders, fa
 
 def test_every_command_takes_the_folder(folders, tmp_path, capsys, monkeypatch):
     _, folder, _ = folders("gpt2")
+    capsys.readouterr()  # what making the folder printed, where this test is the first to need it
     for argv in (["inspect", folder], ["hooks", folder, "--list"], ["weights", folder],
                  ["hooks", folder, "-o", tmp_path / "h.onnx", "--points", "blocks.*.hook_resid_post"]):
         code, out, err = cli(capsys, *argv)
