@@ -231,7 +231,8 @@ def startup(args) -> None:
                 shutil.copyfile(os.path.join(folder, name), os.path.join(alone, name))
     for name, argv in (("inspect", ["inspect", model]), ("hooks --list", ["hooks", model, "--list"]),
                        ("hooks --list, the model file alone", ["hooks", os.path.join(alone, "model.onnx"), "--list"]),
-                       ("weights", ["weights", model])):
+                       ("weights", ["weights", model]),
+                       ("weights, the model file alone", ["weights", os.path.join(alone, "model.onnx")])):
         variants[f"lensgraph {name} (gpt2-small)"] = [LENSGRAPH, *argv]
         if args.before:
             variants[f"lensgraph {name}, code in {args.before}"] = program_in(args.before, argv)
