@@ -165,6 +165,26 @@ def test_every_command_takes_the_folder(folders, tmp_path, capsys, monkeypatch):
     assert cli(capsys, "view", folder)[0] == 0 and served == [os.path.join(folder, "model.onnx")]
 
 
+def _model_files_alone(folder, tmp_path):
+    """The folder's model and its data in a folder of their own, without model.hooks.onnx."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in os.listdir(folder):
+        if name.startswith("model.onnx"):
+            shutil.copy(os.path.join(folder, name), alone / name)
+    return alone
+
+
+def _edited_copy(folder, tmp_path):
+    """A copy of the folder whose model.onnx is no longer the file its points graph was made from."""
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    model = onnx.load(str(changed / "model.onnx"), load_external_data=False)
+    model.doc_string = "edited after convert"
+    onnx.save(model, str(changed / "model.onnx"))
+    return changed
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_hooks_list_on_a_folder_reads_the_placement_convert_recorded(folders, family, tmp_path, capsys, monkeypatch):
     """`hooks --list` on a converted folder lists the points graph's record (what run_with_cache uses),
@@ -174,22 +194,14 @@ def test_hooks_list_on_a_folder_reads_the_placement_convert_recorded(folders, fa
 
     _, folder, _ = folders(family)
     capsys.readouterr()  # what making the folder printed
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    for name in os.listdir(folder):
-        if name.startswith("model.onnx"):  # the model and its data, without model.hooks.onnx
-            shutil.copy(os.path.join(folder, name), alone / name)
+    alone = _model_files_alone(folder, tmp_path)
     code, fresh, err = cli(capsys, "hooks", alone / "model.onnx", "--list")
     assert code == 0 and err == "" and "hook_resid_post" in fresh
     placed = []
     real_place = hookpoints.place
     monkeypatch.setattr(hookpoints, "place", lambda *a, **k: placed.append(1) or real_place(*a, **k))
     assert cli(capsys, "hooks", folder, "--list")[1:] == (fresh, "") and not placed
-    changed = tmp_path / "changed"
-    shutil.copytree(folder, changed)
-    model = onnx.load(str(changed / "model.onnx"), load_external_data=False)
-    model.doc_string = "edited after convert"
-    onnx.save(model, str(changed / "model.onnx"))
+    changed = _edited_copy(folder, tmp_path)
     assert cli(capsys, "hooks", changed, "--list")[1:] == (fresh, "") and placed
 
 
@@ -201,11 +213,7 @@ def test_tl_weights_of_a_folder_use_the_head_layouts_convert_recorded(folders, f
     from lensgraph.interp import tl_weights as tl_module
 
     _, folder, _ = folders(family)
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    for name in os.listdir(folder):
-        if name.startswith("model.onnx"):  # the model and its data, without model.hooks.onnx
-            shutil.copy(os.path.join(folder, name), alone / name)
+    alone = _model_files_alone(folder, tmp_path)
     fresh = lensgraph.tl_weights(alone / "model.onnx")
     measured = []
     real = tl_module.head_layout
@@ -215,11 +223,7 @@ def test_tl_weights_of_a_folder_use_the_head_layouts_convert_recorded(folders, f
     assert any(".attn.W_Q" in k for k in got)
     for name in fresh:
         assert got[name].dtype == fresh[name].dtype and np.array_equal(got[name], fresh[name]), name
-    changed = tmp_path / "changed"
-    shutil.copytree(folder, changed)
-    model = onnx.load(str(changed / "model.onnx"), load_external_data=False)
-    model.doc_string = "edited after convert"
-    onnx.save(model, str(changed / "model.onnx"))
+    changed = _edited_copy(folder, tmp_path)
     assert set(lensgraph.tl_weights(changed)) == set(fresh) and measured
 
 

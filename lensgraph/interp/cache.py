@@ -30,7 +30,7 @@ from ..store.resolve import ModelFiles, resolve
 from ..store.runner import FLOAT_TYPES, Runner, cache_dims, config_cache_dims, empty_past, fused_cache_dims
 from .activation_cache import ActivationCache
 from .hooks import add_hooks, remove_hooks, select
-from .points_record import ABOUT_KEY, LAYOUTS_KEY, POINTS_KEY, sha256_of
+from .points_record import ABOUT_KEY, LAYOUTS_KEY, POINTS_KEY, made_from, sha256_of
 from .tokens import prompt
 
 # onnxruntime's basic graph optimisations for run_with_cache's sessions: on SmolLM2-135M a session builds in
@@ -129,9 +129,7 @@ def _saved(files: ModelFiles, path: str) -> tuple | None:
         outputs, about = json.loads(meta[POINTS_KEY]), json.loads(meta[ABOUT_KEY])
     except (KeyError, ValueError):
         return None
-    if about.get("model") != os.path.basename(path) or about.get("sha256") != sha256_of(path):
-        return None
-    return proto, outputs, about
+    return (proto, outputs, about) if made_from(about, path) else None
 
 
 def _file_key(model: str) -> tuple[str, tuple]:

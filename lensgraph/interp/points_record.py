@@ -30,6 +30,11 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
+def made_from(about: dict, model_path: str) -> bool:
+    """Whether a points graph's `about` was made from this very model file (its name and hash)."""
+    return about.get("model") == os.path.basename(model_path) and about.get("sha256") == sha256_of(model_path)
+
+
 def recorded_placement(model) -> tuple[dict, dict] | None:
     """({point: where it was found}, {point: why it is not placed}) as recorded for `model` (the
     placement run_with_cache uses), or None (place the points then)."""
@@ -63,6 +68,4 @@ def _recorded(model) -> dict:
         about = json.loads(meta[ABOUT_KEY])
     except Exception:  # unreadable, in whatever way: as if there were none
         return {}
-    if about.get("model") != os.path.basename(files.model) or about.get("sha256") != sha256_of(files.model):
-        return {}
-    return meta
+    return meta if made_from(about, files.model) else {}
