@@ -208,11 +208,12 @@ def test_hooks_list_on_a_folder_reads_the_placement_convert_recorded(folders, fa
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_tl_weights_of_a_folder_use_the_head_layouts_convert_recorded(folders, family, tmp_path, monkeypatch):
     """tl_weights on a converted folder rebuilds the head layouts its points graph records rather than
-    measuring them again, and gives exactly the weights measured afresh on the model file alone; a model
-    file changed since is measured again."""
+    measuring them again, gives TransformerLens's processed weights of the same HF model, and exactly
+    the weights measured afresh on the model file alone; a model file changed since is measured again."""
     from lensgraph.interp import tl_weights as tl_module
+    from tl_reference import gpt2_tl_processed, llama_tl_processed
 
-    _, folder, _ = folders(family)
+    _, folder, hf = folders(family)
     alone = _model_files_alone(folder, tmp_path)
     fresh = lensgraph.tl_weights(alone / "model.onnx")
     measured = []
@@ -221,6 +222,13 @@ def test_tl_weights_of_a_folder_use_the_head_layouts_convert_recorded(folders, f
     got = lensgraph.tl_weights(folder)
     assert not measured and set(got) == set(fresh) and got.missing == fresh.missing
     assert any(".attn.W_Q" in k for k in got)
+    theirs = {"gpt2": gpt2_tl_processed, "llama": llama_tl_processed}[family](hf)
+    names = [k for k in theirs if not (".ln" in k or k.startswith("ln_final"))]  # folded norms: left out here
+    assert set(names) <= set(got), set(names) - set(got)
+    for name in names:
+        want = np.asarray(theirs[name], np.float64)
+        gap = np.abs(np.asarray(got[name], np.float64) - want).max() / max(np.abs(want).max(), 1e-12)
+        assert gap <= 1e-5, (name, gap)
     for name in fresh:
         assert got[name].dtype == fresh[name].dtype and np.array_equal(got[name], fresh[name]), name
     changed = _edited_copy(folder, tmp_path)
