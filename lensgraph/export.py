@@ -322,10 +322,11 @@ def _export_dynamo(wrapper, args, staged: StagedModel, opset, verbose):
 
 
 def _export_torchscript(wrapper, args, staged: StagedModel, opset, cache_layers=0):
-    """Tracing based, written with lensgraph's streaming writer (see `_trace_torchscript`)."""
+    """Tracing based, written with lensgraph's streaming writer (see `_trace_torchscript`). Returns
+    the opset written and what `Traced.layers` says."""
     traced = _trace_torchscript(wrapper, args, opset, cache_layers)
     staged.write(traced.model)
-    return traced.model.opset_imports.get("", None)
+    return traced.model.opset_imports.get("", None), traced.layers
 
 
 class Traced:
@@ -335,8 +336,9 @@ class Traced:
     fed `weights` (`runner`) without a copy of the weights or a file; the check and verification's
     reference run there, and `model` is what lensgraph processes and writes."""
 
-    def __init__(self, model, graph: bytes, weights: dict):
+    def __init__(self, model, graph: bytes, weights: dict, layers: dict | None = None):
         self.model, self.graph, self.weights = model, graph, weights
+        self.layers = layers or {}  # how many decoder layers were traced (layer_repeat), and why all where all were
         self.info: dict = {}
         self.check: PendingCheck | None = None
 
@@ -352,9 +354,56 @@ def _trace_torchscript(wrapper, args, opset, cache_layers=0) -> Traced:
     """Tracing based, with the weights left out of torch's ONNX file: the traced graph takes them
     as inputs, and lensgraph makes them initializers over the torch tensors themselves (no
     copy). torch would otherwise build the whole file in memory, weights included, once in C++
-    and once as Python bytes: about twice the time and three times the model's size at the peak."""
-    import onnx
+    and once as Python bytes: about twice the time and three times the model's size at the peak.
+    A decoder whose layers are alike is traced through its first four layers and the others are
+    written from those (layer_repeat.py); any other model is traced whole."""
     import onnx_ir as ir
+
+    inputs = ["input_ids", "attention_mask"] + (cache_names(cache_layers)[0] if cache_layers else [])
+    model, layers = _short_trace(wrapper, opset, bool(cache_layers))
+    if model is not None:
+        graph = ir.serde.serialize_model(model).SerializeToString()
+    else:
+        proto = _torchscript_proto(wrapper, args, opset, cache_layers)
+        graph = proto.SerializeToString()
+        model = ir.serde.deserialize_model(proto)
+        del proto
+    tensors = dict(wrapper.named_parameters(remove_duplicate=False))
+    tensors.update(wrapper.named_buffers(remove_duplicate=False))
+    weights = _weights_as_initializers(model.graph, tensors, set(inputs))
+    return Traced(model, graph, weights, layers)
+
+
+def _short_trace(wrapper, opset, cache: bool):
+    """(the export written from a trace of the first layers, {"traced": 4, "of": N}) where
+    layer_repeat finds the layers alike and the trace shows it, else (None, {"traced": N, "of": N,
+    "why": ...}) and the caller traces the whole model."""
+    import onnx_ir as ir
+
+    from . import layer_repeat
+
+    count = getattr(wrapper.model.config, "num_hidden_layers", None)
+    layers, why = layer_repeat.find(wrapper)
+    if layers is None:
+        return None, {"traced": count, "of": count, "why": why}
+    try:
+        with layer_repeat.truncated(wrapper, layers):
+            short, args = _wrapped(wrapper.model, cache)
+            proto = _torchscript_proto(short, args, opset, short.layers if cache else 0)
+        model = ir.serde.deserialize_model(proto)
+        del proto
+        own = {"input_ids", "attention_mask", *(cache_names(short.layers)[0] if cache else [])}
+        layer_repeat.stamp(model, layers, own)
+    except Exception as exc:  # Refused, or a short model torch would not trace: the whole model is traced
+        return None, {"traced": count, "of": count, "why": _reason(exc) if not isinstance(exc, layer_repeat.Refused)
+                      else str(exc)}
+    return model, {"traced": layer_repeat.TRACED, "of": count}
+
+
+def _torchscript_proto(wrapper, args, opset, cache_layers=0):
+    """torch's TorchScript export of `wrapper` as a ModelProto, its weights as graph inputs, with
+    ONNX's shape inference run over it."""
+    import onnx
 
     axes = {0: "batch", 1: "sequence"}
     inputs, outputs = ["input_ids", "attention_mask"], ["logits"]
@@ -386,13 +435,7 @@ def _trace_torchscript(wrapper, args, opset, cache_layers=0) -> Traced:
     # is cheapest here, and the written export carries every shape (its loads then skip inference)
     with contextlib.suppress(Exception):  # a convenience, as store.model.infer_shapes is
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
-    graph = proto.SerializeToString()
-    model = ir.serde.deserialize_model(proto)
-    del proto
-    tensors = dict(wrapper.named_parameters(remove_duplicate=False))
-    tensors.update(wrapper.named_buffers(remove_duplicate=False))
-    weights = _weights_as_initializers(model.graph, tensors, set(inputs))
-    return Traced(model, graph, weights)
+    return proto
 
 
 @contextlib.contextmanager
@@ -618,12 +661,12 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
     staged = prepare(str(out_path), out_path.name + ".data" if external else None)
     dest = staged.staged_path
     with staged:
-        wrapper, _, written_opset, seconds = _trace(model, exporter, opset, cache, verbose, staged)
+        wrapper, _, info = _trace(model, exporter, opset, cache, verbose, staged)
         pending = PendingCheck(wrapper, vocab, name, exporter, dtype, cache, verbose) if check else None
         max_diff = pending.run(dest) if check and check != "later" else None
 
     return {
-        **_info(exporter, written_opset, dtype, seconds, cache),
+        **info,
         "max_abs_diff": max_diff,
         "external_data": external,
         "data_file": staged.data_path,
@@ -640,44 +683,52 @@ def export_in_memory(model, opset=None, verbose=None, cache=False) -> Traced:
     opset = _check_choices("torchscript", opset)
     verbose = _verbose(verbose)
     name = getattr(model, "name_or_path", "") or type(model).__name__
-    dtype = _model_dtype(model)
-    wrapper, traced, written_opset, seconds = _trace(model, "torchscript", opset, cache, verbose, None)
-    traced.info = {**_info("torchscript", written_opset, dtype, seconds, cache), "max_abs_diff": None}
-    traced.check = PendingCheck(wrapper, _vocab_size(model), name, "torchscript", dtype, cache, verbose)
+    wrapper, traced, info = _trace(model, "torchscript", opset, cache, verbose, None)
+    traced.info = {**info, "max_abs_diff": None}
+    traced.check = PendingCheck(wrapper, _vocab_size(model), name, "torchscript", _model_dtype(model), cache, verbose)
     return traced
 
 
-def _info(exporter: str, opset, dtype, seconds: float, cache: bool) -> dict:
-    return {"exporter": exporter, "opset": opset, "dtype": _dtype_name(dtype), "seconds": round(seconds, 3),
+def _info(exporter: str, opset, dtype, seconds: float, cache: bool, layers: dict | None) -> dict:
+    info = {"exporter": exporter, "opset": opset, "dtype": _dtype_name(dtype), "seconds": round(seconds, 3),
             "cache": bool(cache)}
+    if layers:
+        info["layers"] = layers
+    return info
+
+
+def _wrapped(model, cache: bool):
+    """The module the exporters trace (logits only, or a decoder step with its cache) and the
+    arguments it is traced with."""
+    wrapper = (LogitsAndCache(model) if cache else LogitsOnly(model)).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, _vocab_size(model), (2, 8), generator=gen, dtype=torch.int64)
+    args = (ids, torch.ones_like(ids))
+    if cache:  # traced with a non-empty past so its length stays dynamic
+        args = (ids, torch.ones(2, 11, dtype=torch.int64), *_empty_cache(model, 2, 3, _model_dtype(model)))
+    return wrapper, args
 
 
 def _trace(model, exporter: str, opset, cache: bool, verbose, staged: StagedModel | None):
     """Trace `model` (wrapped for its call signature) with `exporter` and write the graph to `staged`,
     or with no `staged` (TorchScript only) keep it in memory. Returns (wrapper, the Traced export
-    or None where written, the opset written, seconds)."""
+    or None where written, the export's info: exporter, opset written, seconds, ...)."""
     name = getattr(model, "name_or_path", "") or type(model).__name__
     dtype = _model_dtype(model)
-    vocab = _vocab_size(model)
-    wrapper = (LogitsAndCache(model) if cache else LogitsOnly(model)).eval()
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (2, 8), generator=gen, dtype=torch.int64)
-    args = (ids, torch.ones_like(ids))
-    if cache:  # trace with a non-empty past so its length stays dynamic
-        args = (ids, torch.ones(2, 11, dtype=torch.int64), *_empty_cache(model, 2, 3, dtype))
+    wrapper, args = _wrapped(model, cache)
 
     start = time.perf_counter()
-    traced = None
+    traced, layers = None, None
     try:
         with _quiet(verbose), torch.no_grad():
             if exporter == "dynamo":
                 written_opset = _export_dynamo(wrapper, args, staged, opset, verbose)
             elif staged is not None:
-                written_opset = _export_torchscript(wrapper, args, staged, opset,
-                                                    cache_layers=wrapper.layers if cache else 0)
+                written_opset, layers = _export_torchscript(wrapper, args, staged, opset,
+                                                            cache_layers=wrapper.layers if cache else 0)
             else:
                 traced = _trace_torchscript(wrapper, args, opset, cache_layers=wrapper.layers if cache else 0)
-                written_opset = traced.model.opset_imports.get("", None)
+                written_opset, layers = traced.model.opset_imports.get("", None), traced.layers
     except LensError:
         raise
     except Exception as exc:
@@ -694,7 +745,7 @@ def _trace(model, exporter: str, opset, cache: bool, verbose, staged: StagedMode
             f"{name}: {exporter} exporter could not target opset {opset} "
             f"(wrote {written_opset})"
         )
-    return wrapper, traced, written_opset, seconds
+    return wrapper, traced, _info(exporter, written_opset, dtype, seconds, cache, layers)
 
 
 def export(source, out_path, exporter="dynamo", opset=None, dtype="float32", check=True,

@@ -1,0 +1,142 @@
+"""A decoder whose layers are alike is traced through four layers and the others written from the
+fourth (lensgraph/layer_repeat.py): the graph must be the one a whole trace makes, node for node,
+and run to the same logits; where the layers are not alike, or the trace shows they are not, the
+model is traced whole."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+import transformers as tf
+
+import lensgraph.export
+from lensgraph import layer_repeat, tiny_models
+from lensgraph.export import export_in_memory, export_model
+
+LAYERS = 6
+
+
+def deep(family: str, randomise: bool = True, **overrides):
+    """The zoo's tiny `family` with LAYERS layers (every 1-D parameter randomised unless asked)."""
+    config = tiny_models._configs()[family]()
+    config.num_hidden_layers = LAYERS
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    if randomise:
+        tiny_models.randomise_1d(model)
+    return model
+
+
+def whole(model, cache: bool, monkeypatch) -> lensgraph.export.Traced:
+    """The same export with every layer traced."""
+    with monkeypatch.context() as m:
+        m.setattr(lensgraph.export, "_short_trace", lambda *a, **k: (None, {}))
+        return export_in_memory(model, cache=cache)
+
+
+def logits(traced: lensgraph.export.Traced) -> np.ndarray:
+    return traced.runner("export").run_many(["logits"], traced.check.feeds)[0]
+
+
+def _attr(a: ir.Attr):
+    if a.type == ir.AttributeType.TENSOR:
+        x = a.value.numpy()
+        return str(x.dtype), x.shape, x.tobytes()
+    return a.type, tuple(a.value) if isinstance(a.value, (list, tuple)) else a.value
+
+
+def structure(graph: ir.Graph) -> dict:
+    """Every node by its name (a constant torch names outside any scope: by what it is and who
+    reads it), with its operator, attributes and where each input comes from."""
+    keys: dict[int, object] = {}
+
+    def key(node):
+        if id(node) not in keys:
+            keys[id(node)] = node.name if node.name.startswith("/") else (
+                node.op_type, tuple(sorted((n, _attr(a)) for n, a in node.attributes.items())),
+                tuple(sorted((key(u.node), u.idx) for o in node.outputs for u in o.uses())))
+        return keys[id(node)]
+
+    def source(v):
+        return None if v is None else v.name if v.producer() is None else (key(v.producer()), v.index())
+
+    nodes = {}
+    for node in graph:
+        assert key(node) not in nodes
+        nodes[key(node)] = (node.op_type, node.domain, tuple(sorted((n, _attr(a)) for n, a in node.attributes.items())),
+                            tuple(source(v) for v in node.inputs), len(node.outputs))
+    return nodes
+
+
+def assert_same_graph(a: ir.Graph, b: ir.Graph) -> None:
+    assert structure(a) == structure(b)
+    assert [v.name for v in a.inputs] == [v.name for v in b.inputs]
+    assert [(v.name, str(v.shape)) for v in a.outputs] == [(v.name, str(v.shape)) for v in b.outputs]
+    assert list(a.initializers) == list(b.initializers)
+    for name, value in a.initializers.items():
+        np.testing.assert_array_equal(value.const_value.numpy(), b.initializers[name].const_value.numpy())
+
+
+@pytest.mark.parametrize("family,cache", [("gpt2", True), ("gpt2", False), ("llama", True), ("llama", False),
+                                          ("gpt_neox", True), ("opt", True), ("gemma", True), ("phi3", True)])
+def test_layers_written_from_a_short_trace_are_the_whole_trace(family, cache, monkeypatch):
+    model = deep(family)
+    stamped = export_in_memory(model, cache=cache)
+    assert stamped.info["layers"] == {"traced": layer_repeat.TRACED, "of": LAYERS}
+    full = whole(model, cache, monkeypatch)
+    assert_same_graph(stamped.model.graph, full.model.graph)
+    got = logits(stamped)
+    np.testing.assert_array_equal(got, logits(full))
+    np.testing.assert_allclose(got, stamped.check.expected, atol=1e-5)  # and torch's own
+
+
+def test_a_written_export_records_how_many_layers_were_traced(tmp_path):
+    info = export_model(deep("llama"), tmp_path / "m.onnx", exporter="torchscript", cache=True)
+    assert info["layers"] == {"traced": layer_repeat.TRACED, "of": LAYERS} and info["max_abs_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("family,overrides,why", [
+    ("gemma2", {"layer_types": ["sliding_attention", "full_attention"] * (LAYERS // 2)}, "layers of 2 kinds"),
+    ("llama", {"num_hidden_layers": 5}, "5 layers"),
+])
+def test_layers_of_several_kinds_or_too_few_are_traced_whole(family, overrides, why):
+    model = deep(family, **overrides)
+    traced = export_in_memory(model, cache=False)
+    assert traced.info["layers"]["traced"] == model.config.num_hidden_layers
+    assert traced.info["layers"]["why"] == why
+
+
+def test_a_layer_with_other_settings_is_traced_whole():
+    model = deep("llama")
+    model.model.layers[4].self_attn.scaling *= 2  # a plain setting the short trace would not see
+    wrapper = lensgraph.export.LogitsOnly(model)
+    assert layer_repeat.find(wrapper) == (None, "layer 4 differs from layer 1")
+    traced = export_in_memory(model)
+    assert traced.info["layers"]["traced"] == LAYERS
+    np.testing.assert_allclose(logits(traced), traced.check.expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("hooked,why", [("3", "nodes"), ("1-5", "attributes")])
+def test_a_traced_layer_unlike_the_one_before_is_traced_whole(hooked, why):
+    """What no setting shows the trace shows: layer 2 is not what layer 3's rule writes from layer 1,
+    so nothing is written from layer 3. Here a hook scales layer 3's MLP output (more nodes than
+    layer 2's), or every layer's by a factor of its own (the same nodes, other constants)."""
+    model = deep("llama")
+    for i in ([3] if hooked == "3" else range(1, LAYERS)):
+        model.model.layers[i].mlp.register_forward_hook(lambda module, args, out, f=1 + i / 10: out * f)
+    traced = export_in_memory(model)
+    assert traced.info["layers"]["traced"] == LAYERS and why in traced.info["layers"]["why"]
+    np.testing.assert_allclose(logits(traced), traced.check.expected, atol=1e-5)
+
+
+def test_weights_torch_merged_for_their_equal_values_are_traced_whole():
+    """torch's exporter makes one input of weights with equal values (an untrained model's norms):
+    a layer written from such a trace would read another layer's weight."""
+    traced = export_in_memory(deep("opt", randomise=False))
+    assert traced.info["layers"]["traced"] == LAYERS and "merged" in traced.info["layers"]["why"]
+    np.testing.assert_allclose(logits(traced), traced.check.expected, atol=1e-5)
