@@ -86,8 +86,9 @@ def convert(source, out_dir, passes=DEFAULT_PIPELINE, exporter: str = "auto", wi
         else:
             report = _traced(source, staged, manager, exporter, with_cache, hooks, verify, dtype, keep_export, step,
                              verbose)
-        step("points")
-        report["points"] = _points(staged.path, report["notes"])
+        if "points" not in report:  # made from the model in memory where it was processed there
+            step("points")
+            report["points"] = _points(staged.path, report["notes"])
         report.pop("input_files", None)  # the export's place in the staging folder, gone once written
         local = os.path.expanduser(str(source))
         report.update(source=str(source), source_path=os.path.abspath(local) if os.path.exists(local) else None,
@@ -135,8 +136,12 @@ def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bo
         generation.to_json_file(os.path.join(staged.path, GENERATION_CONFIG))
     if memory is not None:
         holder, check = memory
+        points = {}
         report = process_loaded(holder, exported, os.path.join(staged.path, MODEL), manager, verify=verify,
-                                progress=step, reference=reference)
+                                progress=step, reference=reference,
+                                written=None if hooks else lambda model, written: points.update(
+                                    points=_points_of(model, written, staged.path, notes, step)))
+        report.update(points)
         if not report["written"]:  # nothing to rewrite or nothing changed: the export itself is the model
             report["data_file"] = _write_checked(holder, check, os.path.join(staged.path, MODEL))
     else:
@@ -244,6 +249,22 @@ def _points(folder: str, notes: list) -> int:
 
     try:
         count = save_points(os.path.join(folder, MODEL), os.path.join(folder, POINTS))
+    except LensError as exc:
+        notes.append(f"no {POINTS}: {exc}; run_with_cache places the points on its first call")
+        return 0
+    if not count:
+        os.remove(os.path.join(folder, POINTS))
+    return count
+
+
+def _points_of(model, written, folder: str, notes: list, step) -> int:
+    """`_points` for the processed model still in memory, reading the files `written` (a StagedModel)
+    holds: made before verification, which then has the memory to itself."""
+    from .interp.cache import save_points_of
+
+    step("points")
+    try:
+        count = save_points_of(model, os.path.join(folder, MODEL), written.staged_path, os.path.join(folder, POINTS))
     except LensError as exc:
         notes.append(f"no {POINTS}: {exc}; run_with_cache places the points on its first call")
         return 0

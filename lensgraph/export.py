@@ -478,9 +478,8 @@ def _weights_as_initializers(graph, tensors: dict, inputs: set) -> dict:
         weights[value.name] = tensors[value.name].detach().cpu().contiguous().numpy()
         array = weights[value.name].view()
         array.flags.writeable = False
-        graph.inputs.remove(value)
-        value.const_value = ir.Tensor(array, name=value.name)
-        graph.register_initializer(value)
+        graph.inputs.remove(value)  # a new value is the initializer: onnx-ir's input bookkeeping keeps the old
+        _as_initializer(graph, value, array)
     for node in list(graph):
         source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
         if source is None or source.const_value is None or len(source.shape or ()) != 2:
@@ -497,7 +496,8 @@ def _weights_as_initializers(graph, tensors: dict, inputs: set) -> dict:
 
 
 def _as_initializer(graph, out, array):
-    """Replace the node output `out` by an initializer holding `array` (which may be a view)."""
+    """Replace `out` (a node output, or a value just taken out of the graph inputs) by an initializer
+    holding `array` (which may be a view)."""
     import onnx_ir as ir
 
     tensor = ir.Tensor(array, name=out.name)

@@ -149,6 +149,7 @@ class PassManager:
         if reason is not None:  # not a transformer: never alter it
             return [PassResult(p.name, skipped=[("model", f"nothing to rewrite: {reason}")]) for p in self.passes]
         results, anatomy = [], None  # the anatomy after a pass is the next one's: nothing changes between
+        clean = None  # the nodes after the last clean-up (None: the graph as loaded, not cleaned yet)
         for p in self.passes:
             if progress:
                 progress(p.name)
@@ -163,7 +164,8 @@ class PassManager:
                 result.skip("model", reason)
             else:
                 result = p.run(model, anatomy)
-                model.cleanup()
+                model.cleanup(clean)
+                clean = list(model.graph)
                 if self.check_each:  # cheap per pass; the ONNX checker runs once the pipeline is done
                     model.check(checker=False)
                 anatomy = analyse(model.graph)

@@ -70,11 +70,13 @@ def process(
 def process_loaded(holder: list, src: str, dst: str, manager: PassManager, verify: bool = True,
                    external_data: str | bool | None = None, provider: str = "CPUExecutionProvider",
                    tolerance: float | None = None, progress=None, in_place: bool = False, reference=None,
-                   start: float | None = None) -> dict:
+                   start: float | None = None, written=None) -> dict:
     """`process` on a model already open: `holder`'s one item, the LensModel, and its only reference
     (convert's export, held in memory). It is dropped once the rewrite is written, before
     verification loads that; where nothing is written it stays in `holder`, unchanged. `src` names
-    the model in the report and in messages; `reference` as for `process`."""
+    the model in the report and in messages; `reference` as for `process`. `written(model, staged)`
+    is called once the rewrite is written and before it is verified, with the model in memory
+    reading its weights from the written files (LensModel.read_written) and the StagedModel."""
     start = time.perf_counter() if start is None else start
     model = holder[0]
     report = {
@@ -103,6 +105,13 @@ def process_loaded(holder: list, src: str, dst: str, manager: PassManager, verif
         return report
     model.check(full=True)
     staged = model.stage(dst, external_data=external_data, replace_input=in_place)
+    if written is not None:
+        try:
+            model.read_written(staged)
+            written(model, staged)
+        except BaseException:
+            staged.discard()
+            raise
     del model  # the rewritten weights are on disk now; verification needs the memory
     holder.clear()
     gc.collect()  # the graph's reference cycles hold its weights (in memory, for convert's export)

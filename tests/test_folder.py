@@ -205,6 +205,34 @@ def test_hooks_list_on_a_folder_reads_the_placement_convert_recorded(folders, fa
     assert cli(capsys, "hooks", changed, "--list")[1:] == (fresh, "") and placed
 
 
+def assert_points_as_the_written_file_gives_them(folder) -> None:
+    """The folder's points graph is the one placed afresh on its model file: the same nodes, outputs,
+    record (points, placement, head layouts) and weights, each read from the same bytes."""
+    from lensgraph.interp.cache import points_graph
+
+    saved = onnx.load(os.path.join(folder, "model.hooks.onnx"), load_external_data=False)
+    fresh, _, _ = points_graph(os.path.join(folder, "model.onnx"), on_request=False)
+    for field in ("node", "input", "output", "value_info"):
+        assert list(getattr(saved.graph, field)) == list(getattr(fresh.graph, field)), field
+    assert {p.key: p.value for p in saved.metadata_props} == {p.key: p.value for p in fresh.metadata_props}
+
+    def weights(proto):
+        return {t.name: (tuple(t.dims), t.data_type, tuple((e.key, e.value) for e in t.external_data),
+                         onnx.numpy_helper.to_array(t).tobytes() if not t.external_data else None)
+                for t in proto.graph.initializer}
+
+    assert weights(saved) == weights(fresh)
+
+
+def test_convert_places_the_points_on_the_model_in_memory_as_the_written_file_gives_them(folders):
+    """convert makes the points graph from the processed model still in memory, its weights pointed at
+    the files just written (the GPT-2 folder keeps no export, so its model was processed in memory),
+    rather than reading those files back: the same points graph as the written file gives."""
+    _, folder, _ = folders("gpt2")
+    assert not os.path.exists(os.path.join(folder, "export"))
+    assert_points_as_the_written_file_gives_them(folder)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_tl_weights_of_a_folder_use_the_head_layouts_convert_recorded(folders, family, tmp_path, monkeypatch):
     """tl_weights on a converted folder rebuilds the head layouts its points graph records rather than

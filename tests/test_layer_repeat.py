@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers as tf
 
+import lensgraph
 import lensgraph.export
 from lensgraph import layer_repeat, tiny_models
 from lensgraph.export import export_in_memory, export_model
@@ -140,3 +141,17 @@ def test_weights_torch_merged_for_their_equal_values_are_traced_whole():
     traced = export_in_memory(deep("opt", randomise=False))
     assert traced.info["layers"]["traced"] == LAYERS and "merged" in traced.info["layers"]["why"]
     np.testing.assert_allclose(logits(traced), traced.check.expected, atol=1e-5)
+
+
+def test_convert_of_a_deeper_model_traces_four_layers_and_verifies(tmp_path):
+    """The whole of convert on a model of six alike layers: the export written from four traced layers
+    is checked against torch, processed, verified, and its points graph placed (from the model in
+    memory) as the written file gives it."""
+    from test_folder import assert_points_as_the_written_file_gives_them
+
+    ckpt, folder = tmp_path / "ckpt", tmp_path / "lens"
+    deep("llama").save_pretrained(ckpt)
+    report = lensgraph.from_pretrained(str(ckpt), str(folder))
+    assert report["export"]["layers"] == {"traced": layer_repeat.TRACED, "of": LAYERS}
+    assert report["verification"]["max_rel_diff"] < 1e-5 and report["points"] > 0
+    assert_points_as_the_written_file_gives_them(str(folder))

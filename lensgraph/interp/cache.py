@@ -27,7 +27,7 @@ from ..graph.heads import layout_record
 from ..graph.hookpoints import place
 from ..store.model import LensModel, infer_shapes
 from ..store.resolve import ModelFiles, resolve
-from ..store.runner import FLOAT_TYPES, Runner, cache_dims, config_cache_dims, empty_past, fused_cache_dims
+from ..store.runner import FLOAT_TYPES, Runner, config_cache_dims, empty_past, fused_cache_dims
 from .activation_cache import ActivationCache
 from .hooks import add_hooks, remove_hooks, select
 from .points_record import ABOUT_KEY, LAYOUTS_KEY, POINTS_KEY, made_from, sha256_of
@@ -56,18 +56,26 @@ def points_graph(path: str, on_request: bool = True) -> tuple[onnx.ModelProto, d
     infer_shapes(model)
     lens = LensModel(model, path)
     remove_hooks(lens)  # a file from `lensgraph hooks`: its named copies give way to the points graph's
+    return _points_graph(lens, path, sha256_of(path), on_request)
+
+
+def _points_graph(lens: LensModel, path: str, sha256: str, on_request: bool) -> tuple:
+    """`points_graph` of `lens`, the model file `path` (whose contents hash to `sha256`) in memory,
+    its weights referencing the file's; `lens` becomes the points graph."""
+    import onnx_ir as ir
+
+    model = lens.ir
     own = [v.name for v in model.graph.outputs]
     placement = place(model.graph, model=lens)
     names = list(placement.points) if on_request else select(list(placement.points), None)
     outputs = add_hooks(lens, names, copies=False, placement=placement).outputs if names else {}
-    dims = {**config_cache_dims(path), **fused_cache_dims(proto.graph)}  # cache_dims(path), without a second open
-    about = {"model": os.path.basename(path), "sha256": sha256_of(path), "outputs": own,
+    out = ir.serde.serialize_model(model)
+    about = {"model": os.path.basename(path), "sha256": sha256, "outputs": own,
              "left_out": [n for n in placement.points if n not in outputs],
              "limits": list(id_limits(placement.anatomy)) if placement.anatomy else [None, None],
-             "cache_dims": dims,
+             "cache_dims": {**config_cache_dims(path), **fused_cache_dims(out.graph)},  # cache_dims(path), unread
              "placement": {"points": {n: p.found for n, p in placement.points.items()},
                            "unplaced": placement.unplaced}}
-    out = ir.serde.serialize_model(model)
     layouts = layout_record(placement.anatomy.attention, placement.layouts) if placement.anatomy else {}
     for key, value in ((POINTS_KEY, outputs), (ABOUT_KEY, about), (LAYOUTS_KEY, layouts)):
         entry = next((p for p in out.metadata_props if p.key == key), None) or out.metadata_props.add(key=key)
@@ -88,6 +96,19 @@ def save_points(model_path: str, out_path: str) -> int:
     if os.path.dirname(os.path.abspath(out_path)) != os.path.dirname(os.path.abspath(model_path)):
         raise ValueError("a points graph lives beside its model")
     proto, outputs, _ = points_graph(model_path, on_request=False)
+    with open(out_path, "wb") as f:
+        f.write(proto.SerializeToString())
+    return len(outputs)
+
+
+def save_points_of(model: LensModel, model_path: str, written: str, out_path: str) -> int:
+    """`save_points` for a model still in memory whose weights read the files it was just written to
+    (LensModel.read_written): `written` is that model file, to be published as `model_path`, beside
+    `out_path`. Reading the file back costs a parse and a deserialisation (about 1 s at 30 layers);
+    the graph in memory is the one that was written. `model` becomes the points graph."""
+    if os.path.dirname(os.path.abspath(out_path)) != os.path.dirname(os.path.abspath(model_path)):
+        raise ValueError("a points graph lives beside its model")
+    proto, outputs, _ = _points_graph(model, model_path, sha256_of(written), on_request=False)
     with open(out_path, "wb") as f:
         f.write(proto.SerializeToString())
     return len(outputs)

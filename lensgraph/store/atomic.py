@@ -44,6 +44,7 @@ class StagedModel:
         self.protected, self.replace_input = list(protected), replace_input
         self.created = list(created)  # folders made for the output, removed again if nothing is published
         self.staged_path = os.path.join(tmpdir, os.path.basename(path))
+        self.placed: dict[str, tuple[str, int, int]] = {}  # streamed weights: (file name, offset, length)
         self._lock = _lock(tmpdir)  # held while staging: a cleaner never takes a live folder
 
     @property
@@ -84,7 +85,7 @@ class StagedModel:
     def write(self, model: ir.Model) -> None:
         """Write `model` (and its external data, if any) into the hidden folder."""
         try:
-            write_model(model, self.staged_path, self.data_name)
+            self.placed = write_model(model, self.staged_path, self.data_name)
         except OSError as exc:  # disk full, permissions: nothing is published
             raise LensError(f"{self.path}: cannot write the output ({exc.strerror or exc}); "
                             "nothing was written") from exc

@@ -19,6 +19,7 @@ blocks and remembers the products asked of it, so a mean taken again is not a se
 from __future__ import annotations
 
 import functools
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -390,7 +391,11 @@ class DeferredTensor(ir.LazyTensor):
         self.matrix = matrix
         self.np_dtype = np.dtype(dtype)
         self.expected: list[tuple[int, str]] = []  # (stored axis, what): means that must come out zero
-        super().__init__(self._full, ir.DataType.from_numpy(self.np_dtype), ir.Shape(matrix.stored_shape), name=name)
+        # through a weak reference: a bound method would hold the tensor in a cycle, and with it the
+        # weights it is computed from, until a garbage collection
+        this = weakref.ref(self)
+        super().__init__(lambda: this()._full(), ir.DataType.from_numpy(self.np_dtype), ir.Shape(matrix.stored_shape),
+                         name=name)
 
     def __repr__(self) -> str:  # LazyTensor's would recurse through the bound method it holds
         return f"DeferredTensor(name={self.name!r}, shape={self.matrix.stored_shape}, dtype={self.np_dtype})"

@@ -21,9 +21,10 @@ from onnx_ir.passes.common import CheckerPass, RemoveUnusedNodesPass, ShapeInfer
 
 from .._version import __version__
 from ..errors import BadInputError, LensError, unwrapped
+from . import wire
 from .atomic import StagedModel, stage
 from .filetensor import file_tensor, readable_in_place
-from .safety import open_model, runtime_contrib_op
+from .safety import SMALL_TENSOR, open_model, runtime_contrib_op
 from .weights import WeightStore
 
 APPLIED_KEY = "lensgraph.applied"
@@ -99,10 +100,20 @@ class LensModel:
             node.doc_string = f"{doc}\n{line}".strip()
 
     # -- structure -------------------------------------------------------------------
-    def cleanup(self) -> None:
-        """Drop nodes and initializers that no longer feed an output, then re-sort."""
+    def cleanup(self, nodes_before: list | None = None) -> None:
+        """Drop nodes and initializers that no longer feed an output, then re-sort. Given the nodes
+        of a graph that was clean and sorted before a rewrite, a rewrite that left every node in
+        its place and none unread (a change of weights) only needs the initializers it stopped
+        reading dropped: the whole clean-up and sort cost 0.1-0.3 s on a graph of 7,500 nodes."""
+        graph = self.graph
+        if nodes_before is not None and len(nodes_before) == len(graph) and \
+                all(a is b for a, b in zip(nodes_before, graph)) and _clean_and_sorted(graph):
+            for name in [n for n, v in graph.initializers.items()
+                         if not v.uses() and not v.is_graph_output() and not v.is_graph_input()]:
+                del graph.initializers[name]
+            return
         RemoveUnusedNodesPass()(self.ir)
-        self.graph.sort()
+        graph.sort()
 
     def check(self, full: bool = False, checker: bool = True) -> None:
         """Structural checks: every input defined, then (unless `checker` is off) the ONNX checker.
@@ -162,6 +173,27 @@ class LensModel:
 
     def nbytes(self) -> int:
         return sum(v.const_value.nbytes for v in self.graph.initializers.values() if v.const_value is not None)
+
+    def read_written(self, staged: StagedModel) -> None:
+        """Point every weight `staged` streamed at its bytes in the written files (still in its
+        hidden folder): the model in memory then reads what was written, as one loaded from those
+        files would (safety.open_model: the small ones read into memory), and no longer holds what
+        its weights were computed from."""
+        own = os.path.basename(staged.path)
+        for value in self.graph.initializers.values():
+            if value.name not in staged.placed:
+                continue
+            location, offset, length = staged.placed[value.name]
+            tensor = value.const_value
+            if length <= (wire.KEPT if location == own else SMALL_TENSOR):
+                written = file_tensor(os.path.join(staged.tmpdir, location), offset, tensor.dtype, tensor.shape,
+                                      value.name)
+                value.const_value = ir.Tensor(written.numpy(), name=value.name, doc_string=tensor.doc_string,
+                                              metadata_props=dict(tensor.metadata_props))
+                continue
+            value.const_value = ir.ExternalTensor(
+                location, offset, length, tensor.dtype, shape=ir.Shape(tensor.shape), name=value.name,
+                doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props), base_dir=staged.tmpdir)
 
     # -- writing ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike, external_data: str | bool | None = None,
@@ -223,6 +255,18 @@ def _read_in_place(model: ir.Model, path: str) -> None:
             if tensor.location == os.path.basename(path):
                 where = os.path.abspath(path)
             value.const_value = file_tensor(where, tensor.offset or 0, tensor.dtype, tensor.shape, tensor.name)
+
+
+def _clean_and_sorted(graph: ir.Graph) -> bool:
+    """Every node feeds something, and reads only what comes before it."""
+    made = {id(v) for v in graph.inputs} | {id(v) for v in graph.initializers.values()}
+    for node in graph:
+        if not any(o.uses() or o.is_graph_output() for o in node.outputs):
+            return False
+        if any(v is not None and id(v) not in made for v in node.inputs):
+            return False
+        made.update(id(o) for o in node.outputs)
+    return True
 
 
 def infer_shapes(model: ir.Model, always: bool = False) -> None:

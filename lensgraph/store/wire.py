@@ -84,7 +84,10 @@ def fields(buf, start: int, end: int):
         pos = stop
 
 
-def skeleton(path: str, limit: int = 4096) -> tuple[bytes, list[Slice]]:
+KEPT = 4096  # bytes: raw data up to this size stays in the skeleton
+
+
+def skeleton(path: str, limit: int = KEPT) -> tuple[bytes, list[Slice]]:
     """The file's ModelProto without the main graph's initializer data over `limit` bytes.
 
     Repeated graph fields are merged (protobuf's own rule), so the skeleton has one. Raises

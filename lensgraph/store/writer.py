@@ -31,8 +31,11 @@ LIMIT = 1024  # initializers over this many bytes are streamed (or go to externa
 ALIGN = 4096
 
 
-def write_model(model: ir.Model, path: str, data_name: str | None = None, limit: int = LIMIT) -> None:
-    """Write `model` to `path`; with `data_name`, large weights go to that file in `path`'s folder."""
+def write_model(model: ir.Model, path: str, data_name: str | None = None,
+                limit: int = LIMIT) -> dict[str, tuple[str, int, int]]:
+    """Write `model` to `path`; with `data_name`, large weights go to that file in `path`'s folder.
+    Returns where each streamed weight's bytes now lie: {name: (file name, offset, length)}, the
+    file named as the model's own file or its data file."""
     graph = model.graph
     large = [v for v in graph.initializers.values() if _streamable(v.const_value, limit)]
     with _detached(graph, large), unwrapped():
@@ -41,6 +44,7 @@ def write_model(model: ir.Model, path: str, data_name: str | None = None, limit:
     proto.ClearField("graph")
     head = proto.SerializeToString()
     total = sum(v.const_value.nbytes for v in large)
+    placed = {}
     with open(path, "wb") as out, progress.bar(total, "writing", "B") as bar, Writeback(out) as sync:
         if data_name is None:
             headers = [_header(v) for v in large]
@@ -52,10 +56,11 @@ def write_model(model: ir.Model, path: str, data_name: str | None = None, limit:
                 tensor = v.const_value
                 out.write(wire.key(wire.GRAPH_INITIALIZER) + wire.varint(size) + h
                           + wire.key(wire.TENSOR_RAW_DATA) + wire.varint(tensor.nbytes))
+                placed[v.name] = (os.path.basename(path), out.tell(), tensor.nbytes)
                 _write_bytes(out, tensor)
                 bar.update(tensor.nbytes)
                 sync.written(tensor.nbytes)
-            return
+            return placed
         data_path = os.path.join(os.path.dirname(path), data_name)
         headers = []
         with open(data_path, "wb") as data, Writeback(data) as data_sync:
@@ -66,11 +71,13 @@ def write_model(model: ir.Model, path: str, data_name: str | None = None, limit:
                 start = data.tell()
                 _write_bytes(data, v.const_value)
                 headers.append(_header(v, (data_name, start, v.const_value.nbytes)))
+                placed[v.name] = (data_name, start, v.const_value.nbytes)
                 bar.update(v.const_value.nbytes)
                 data_sync.written(v.const_value.nbytes)
         chunk = b"".join(wire.key(wire.GRAPH_INITIALIZER) + wire.varint(len(h)) + h for h in headers)
         out.write(head + wire.key(wire.MODEL_GRAPH) + wire.varint(len(graph_bytes) + len(chunk))
                   + graph_bytes + chunk)
+    return placed
 
 
 class Writeback:
