@@ -164,6 +164,45 @@ def test_an_export_no_pass_changes_is_published_checked_as_written(checkpoints, 
     assert applied(str(tmp_path / "out" / "model.onnx")) == []
 
 
+def test_the_points_are_placed_with_the_torch_weights_released_before_verification(checkpoints, tmp_path,
+                                                                                   monkeypatch):
+    """convert places the points on the processed model in memory once its weights read the written
+    files: by then nothing holds the torch model's weights (no garbage collection needed), and the
+    verification that follows still checks the written model."""
+    import gc
+
+    import lensgraph.export
+    import lensgraph.interp.cache as cache
+
+    process = importlib.import_module("lensgraph.process")  # lensgraph.process is the function
+    alive, order = [], []
+    load = lensgraph.export.load_hf_model
+
+    def loaded(*args, **kwargs):
+        model = load(*args, **kwargs)
+        alive.extend(p.data_ptr() for p in model.parameters())
+        return model
+
+    save = cache.save_points_of
+
+    def placing(*args, **kwargs):
+        order.append("points")
+        held = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.data_ptr() in alive]
+        assert alive and not held, [tuple(t.shape) for t in held]
+        return save(*args, **kwargs)
+
+    verify = process.verify_models
+    monkeypatch.setattr(lensgraph.export, "load_hf_model", loaded)
+    monkeypatch.setattr(cache, "save_points_of", placing)
+    monkeypatch.setattr(process, "verify_models", lambda *a, **k: order.append("verify") or verify(*a, **k))
+    gc.disable()  # what convert does not collect itself must already be free
+    try:
+        report = lensgraph.from_pretrained(checkpoints["gpt2"][0], tmp_path / "out")
+    finally:
+        gc.enable()
+    assert order == ["points", "verify"] and report["points"] > 0 and report["verification"]["max_rel_diff"] < 1e-5
+
+
 def _tokenizer_files(folder) -> list[str]:
     return [f for f in os.listdir(folder) if f.startswith("tokenizer") or f in ("special_tokens_map.json",
                                                                                  "chat_template.jinja")]

@@ -156,3 +156,30 @@ def test_input_file_is_untouched(gpt2_onnx, tmp_path):
     before = open(gpt2_onnx, "rb").read()
     process(gpt2_onnx, tmp_path / "x.onnx")
     assert open(gpt2_onnx, "rb").read() == before
+
+
+def test_a_clean_up_after_a_change_of_weights_only_drops_the_weights_no_longer_read(gpt2_exports):
+    """After a rewrite that left every node in place (weights changed), the clean-up keeps the graph as
+    it is and drops only the initializers no longer read; after one that left a node unread, the whole
+    clean-up runs and the node goes."""
+    import onnx_ir as ir
+
+    model = LensModel.load(gpt2_exports["torchscript17"])
+    model.cleanup()
+    nodes = list(model.graph)
+    reader = next(n for n in nodes if n.op_type == "MatMul" and n.inputs[1].const_value is not None
+                  and len(n.inputs[1].uses()) == 1)
+    old = reader.inputs[1]
+    new = ir.Value(name=old.name + "_new", shape=old.shape, type=old.type,
+                   const_value=ir.Tensor(np.array(old.const_value.numpy()), name=old.name + "_new"))
+    model.graph.register_initializer(new)
+    reader.replace_input_with(1, new)
+    model.cleanup(nodes)
+    assert list(model.graph) == nodes and old.name not in model.graph.initializers
+    assert new.name in model.graph.initializers
+    bypassed = next(n for n in nodes if n.op_type == "Cast" and len(n.outputs[0].uses()) == 1)
+    user = bypassed.outputs[0].uses()[0]
+    user.node.replace_input_with(user.idx, bypassed.inputs[0])
+    model.cleanup(nodes)
+    assert bypassed not in list(model.graph) and len(model.graph) < len(nodes)
+    model.check()
