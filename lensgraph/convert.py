@@ -201,7 +201,8 @@ def _export_checked(source, holder: list, path: str, exporter: str, with_cache: 
                                     check="later")
                 check = info.pop("check")
             holder.clear()
-            gc.collect()  # the model's reference cycles (transformers', the trace's) hold its weights
+            if traced is None:  # the model's reference cycles (transformers', the trace's) hold its weights; in
+                gc.collect()  # memory the export views them, and a collection (0.2 s) would free none of them
             try:
                 runner = traced.runner(f"{path} (in memory)") if traced else Runner(path, few_runs=True)
             except LensError as exc:
