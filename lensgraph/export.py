@@ -8,6 +8,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -338,7 +339,7 @@ class Traced:
 
     def __init__(self, model, graph: bytes, weights: dict, layers: dict | None = None):
         self.model, self.graph, self.weights = model, graph, weights
-        self.layers = layers or {}  # how many decoder layers were traced (layer_repeat), and why all where all were
+        self.layers = layers or {}  # how many decoder layers were traced (graph/repeat.py), and why all where all were
         self.info: dict = {}
         self.check: PendingCheck | None = None
 
@@ -356,7 +357,7 @@ def _trace_torchscript(wrapper, args, opset, cache_layers=0) -> Traced:
     copy). torch would otherwise build the whole file in memory, weights included, once in C++
     and once as Python bytes: about twice the time and three times the model's size at the peak.
     A decoder whose layers are alike is traced through its first four layers and the others are
-    written from those (layer_repeat.py); any other model is traced whole."""
+    written from those (graph/repeat.py); any other model is traced whole."""
     import onnx_ir as ir
 
     inputs = ["input_ids", "attention_mask"] + (cache_names(cache_layers)[0] if cache_layers else [])
@@ -375,29 +376,98 @@ def _trace_torchscript(wrapper, args, opset, cache_layers=0) -> Traced:
 
 
 def _short_trace(wrapper, opset, cache: bool):
-    """(the export written from a trace of the first layers, {"traced": 4, "of": N}) where
-    layer_repeat finds the layers alike and the trace shows it, else (None, {"traced": N, "of": N,
+    """(the export written from a trace of the first layers, {"traced": 4, "of": N}) where the
+    layers are alike and the trace shows it (graph/repeat.py), else (None, {"traced": N, "of": N,
     "why": ...}) and the caller traces the whole model."""
     import onnx_ir as ir
 
-    from . import layer_repeat
+    from .graph import repeat
 
     count = getattr(wrapper.model.config, "num_hidden_layers", None)
-    layers, why = layer_repeat.find(wrapper)
+    layers, why = _alike_layers(wrapper)
     if layers is None:
         return None, {"traced": count, "of": count, "why": why}
     try:
-        with layer_repeat.truncated(wrapper, layers):
+        with _first_layers(wrapper, layers):
             short, args = _wrapped(wrapper.model, cache)
             proto = _torchscript_proto(short, args, opset, short.layers if cache else 0)
         model = ir.serde.deserialize_model(proto)
         del proto
         own = {"input_ids", "attention_mask", *(cache_names(short.layers)[0] if cache else [])}
-        layer_repeat.stamp(model, layers, own)
+        repeat.stamp(model, layers, own)
     except Exception as exc:  # Refused, or a short model torch would not trace: the whole model is traced
-        return None, {"traced": count, "of": count, "why": _reason(exc) if not isinstance(exc, layer_repeat.Refused)
-                      else str(exc)}
-    return model, {"traced": layer_repeat.TRACED, "of": count}
+        return None, {"traced": count, "of": count, "why": str(exc) if isinstance(exc, repeat.Refused)
+                      else _reason(exc)}
+    return model, {"traced": repeat.TRACED, "of": count}
+
+
+def _alike_layers(wrapper):
+    """The decoder layers of `wrapper` (its `model` the HuggingFace model) as graph/repeat.py names
+    them, where layers 1 to N-1 are one module repeated and a trace of four may stand for them all;
+    else (None, why not)."""
+    from .graph.repeat import TRACED, Layers
+
+    config = wrapper.model.config
+    count = getattr(config, "num_hidden_layers", None)
+    lists = [(name, m) for name, m in wrapper.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and count and len(m) == count]
+    if len(lists) != 1:
+        return None, "no one list of the config's layers"
+    if count <= TRACED + 1:
+        return None, f"{count} layers"
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None and len(set(map(str, kinds))) > 1:
+        return None, f"layers of {len(set(map(str, kinds)))} kinds"
+    path, layers = lists[0]
+    first = _signature(layers[1])
+    for i in range(2, count):
+        if _signature(layers[i]) != first:
+            return None, f"layer {i} differs from layer 1"
+    return Layers(path, count), ""
+
+
+LAYER_INDEX = re.compile(r"layer_?(idx|id|index|num|number)")  # a layer's own index: the setting allowed to differ
+
+
+def _signature(layer) -> list:
+    """What must be equal for two layers to trace alike: classes, plain settings, parameters."""
+    def plain(v) -> bool:
+        if isinstance(v, (tuple, list)):
+            return all(plain(x) for x in v)
+        return v is None or isinstance(v, (bool, int, float, str))
+
+    parts: list = []
+    for name, module in layer.named_modules():
+        settings = sorted((k, repr(v)) for k, v in vars(module).items() if plain(v) and not LAYER_INDEX.fullmatch(k))
+        parts.append((name, type(module).__qualname__, settings))
+    for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
+        parts.append((name, tuple(t.shape), t.dtype))
+    return parts
+
+
+@contextlib.contextmanager
+def _first_layers(wrapper, layers):
+    """The model with its first graph/repeat.TRACED layers only, as its config says too; restored
+    on leaving."""
+    from .graph.repeat import TRACED
+
+    owner_path, _, attr = layers.path.rpartition(".")
+    owner = wrapper.get_submodule(owner_path)
+    full = getattr(owner, attr)
+    config = wrapper.model.config
+    saved = {"num_hidden_layers": config.num_hidden_layers}
+    if getattr(config, "layer_types", None) is not None:
+        saved["layer_types"] = config.layer_types
+    try:
+        setattr(owner, attr, torch.nn.ModuleList(list(full)[:TRACED]))
+        config.num_hidden_layers = TRACED
+        if "layer_types" in saved:
+            config.layer_types = list(saved["layer_types"])[:TRACED]
+        yield
+    finally:
+        setattr(owner, attr, full)
+        for key, value in saved.items():
+            setattr(config, key, value)
 
 
 def _torchscript_proto(wrapper, args, opset, cache_layers=0):
@@ -469,8 +539,6 @@ def _weights_as_initializers(graph, tensors: dict, inputs: set) -> dict:
     by input name, as onnxruntime's feeds. The initializers' views are read-only, as weights read
     from a model file are: a tied embedding's table and its transposed view share their memory, so
     a rewrite must never edit one in place."""
-    import onnx_ir as ir
-
     weights = {}
     for value in [v for v in graph.inputs if v.name not in inputs]:
         if value.name not in tensors:

@@ -187,7 +187,7 @@ def test_the_points_are_placed_with_the_torch_weights_released_before_verificati
 
     def placing(*args, **kwargs):
         order.append("points")
-        held = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.data_ptr() in alive]
+        held = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and _data_ptr(t) in alive]
         assert alive and not held, [tuple(t.shape) for t in held]
         return save(*args, **kwargs)
 
@@ -201,6 +201,13 @@ def test_the_points_are_placed_with_the_torch_weights_released_before_verificati
     finally:
         gc.enable()
     assert order == ["points", "verify"] and report["points"] > 0 and report["verification"]["max_rel_diff"] < 1e-5
+
+
+def _data_ptr(tensor) -> int | None:
+    try:
+        return tensor.data_ptr()
+    except RuntimeError:  # a tensor with no data (torch's fake tensors, left by an earlier dynamo export)
+        return None
 
 
 def _tokenizer_files(folder) -> list[str]:

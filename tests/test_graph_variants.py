@@ -177,6 +177,7 @@ def test_the_probes_zero_weights_are_private_maps_that_hold_no_memory():
     memory in a process that has freed large arrays (placing convert's points grew it by 400 MiB),
     so they are private anonymous maps, which read as the kernel's zero page until written."""
     import mmap
+    import resource
 
     from lensgraph.graph.probe import zeros
 
@@ -188,6 +189,22 @@ def test_the_probes_zero_weights_are_private_maps_that_hold_no_memory():
     arrays = [zeros((512, 1024), np.float32) for _ in range(96)]  # 192 MiB
     assert all(a.shape == (512, 1024) and a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
     assert all(isinstance(a.base.base.obj, mmap.mmap) for a in arrays)  # shaped, over a view of the map
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     assert sum(float(np.abs(a).max()) for a in arrays) == 0.0  # read in full: still zeros, and still no memory
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     assert rss_mib() - before < 32
+    if _huge_zero_page():  # read through the kernel's huge zero page: a fault per 2 MiB, not per 4 KiB (49,152)
+        assert faults < 2000, faults
     assert zeros((3,), np.float16).tolist() == [0.0, 0.0, 0.0]  # below a page: plain numpy zeros
+
+
+def _huge_zero_page() -> bool:
+    """Whether this kernel maps a huge page of zeros for reads of memory that asks for huge pages."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            enabled = f.read()
+        with open("/sys/kernel/mm/transparent_hugepage/use_zero_page") as f:
+            zero = f.read().strip()
+    except OSError:
+        return False
+    return "[never]" not in enabled and zero == "1"

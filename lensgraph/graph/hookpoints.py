@@ -20,6 +20,7 @@ layout, or it is absent with the reason, never placed on a guess.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -82,7 +83,7 @@ class Point:
     found: str  # where it was found, in words (goes into the node's doc_string)
     norm: Norm | None = None
     indices: object = None  # COLUMNS: [head, d_head] column indices; KEYS: the head indices to keep;
-    # RESULT: (W_O per head [head, d_head, d_model], z's form, the output projection's output)
+    # RESULT: (a function giving W_O per head [head, d_head, d_model], z's form, the output projection's output)
 
 
 @dataclass
@@ -250,8 +251,11 @@ def _result(name: str, z, layout, model) -> Point | str:
         return layout or "the head layout is measured on the model's weights (placed with the model)"
     from ..store.weights import LinearWeights
 
-    w_o = LinearWeights(model.weights).weight(layout.o)
-    per_head = np.stack([w_o[rows] for rows in layout.o_rows]).astype(layout.o.source.dtype.numpy())
+    @functools.cache
+    def per_head() -> np.ndarray:  # read where the point is added: a listing or a points graph without it reads
+        w_o = LinearWeights(model.weights).weight(layout.o)  # none of W_O (SmolLM2: 40 MiB)
+        return np.stack([w_o[rows] for rows in layout.o_rows]).astype(layout.o.source.dtype.numpy())
+
     return Point(name, z.value, RESULT, f"{z.found}, through each head's rows of {layout.o.name}",
                  indices=(per_head, z.form, layout.o.node.outputs[0]))
 

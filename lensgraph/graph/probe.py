@@ -110,16 +110,31 @@ def zeros_for(graph, held_out: dict) -> dict:
     return {name: zeros(shape, dtype) for name, (shape, dtype) in held_out.items() if name in kept}
 
 
+HUGE_PAGE = 2 << 20
+
+
 def zeros(shape, dtype) -> np.ndarray:
     """An array of zeros that holds no memory: a private anonymous map, whose pages read as the
     kernel's one zero page until written. numpy's zeros come from the heap in a process that has
     freed large arrays before (convert, by the time it places the points), and are then cleared
-    and resident: 0.2-0.4 s and 400 MiB for SmolLM2-135M's weights here."""
+    and resident: 0.2-0.4 s and 400 MiB for SmolLM2-135M's weights here. A map of a megabyte or
+    more is asked for huge pages, aligned to them: its reads then fault in the kernel's huge zero
+    page, one fault per 2 MiB rather than per 4 KiB (0.1 s less on 400 MiB of weights here; still
+    no memory); where the kernel does not take the hint, nothing changes."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes < mmap.PAGESIZE:
         return np.zeros(shape, dtype)
-    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype).reshape(shape)
+    huge = nbytes >= HUGE_PAGE // 2 and hasattr(mmap, "MADV_HUGEPAGE")
+    pages = mmap.mmap(-1, nbytes + (HUGE_PAGE if huge else 0), flags=mmap.MAP_PRIVATE)
+    start = 0
+    if huge:
+        try:
+            pages.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+        start = -np.frombuffer(pages, np.uint8, count=1).ctypes.data % HUGE_PAGE
+    return np.frombuffer(pages, dtype, count=nbytes // dtype.itemsize, offset=start).reshape(shape)
 
 
 def _prune(graph, outputs: list[str]) -> None:

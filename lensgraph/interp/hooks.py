@@ -304,7 +304,8 @@ class _Builder:
             out = self._node(name, "Gather", [keys, self._const(name, "heads", np.asarray(point.indices, np.int64))],
                              f"{point.found}, each key head once", out_name=out_name, axis=2)
         elif point.form == RESULT:
-            w_o, z_form, _ = point.indices
+            per_head, z_form, _ = point.indices
+            w_o = per_head()
             z = v if z_form == AS_IS else self._node(name, "Transpose", [v], "[batch, pos, head, d_head]",
                                                      perm=[0, 2, 1, 3])
             out = self._node(name, "Einsum", [z, self._const(name, "W_O", w_o)], f"{point.found}",

@@ -129,7 +129,7 @@ def dims_of(point: Point) -> tuple[tuple, int | None, int | None]:
     if point.form == KEYS:
         return (None, None, len(point.indices), _rank_dim(v, 2)), 2, 1
     if point.form == RESULT:
-        w_o = point.indices[0]
+        w_o = point.indices[0]()
         return (None, None, w_o.shape[0], w_o.shape[2]), 2, 1
     return (None, None, last), None, 1  # PER_POSITION, BROADCAST, bare-normaliser NORMALIZED
 

@@ -1,19 +1,21 @@
-"""A TorchScript export of a decoder whose layers are alike, traced through its first four layers.
+"""A decoder's graph written from a trace of its first four layers, where its layers are alike.
 
 Tracing and converting cost the same for every decoder layer: on SmolLM2-135M's 30 layers they are
 about nine tenths of the export. Where the layers are one module repeated, layer k's graph is layer
-k-1's with its own weights, its own cache and its input taken from layer k-1. So four layers are
-traced and the others are written from the last of them, by the rule that layer's graph shows.
-Nothing is taken on trust that the trace does not show:
+k-1's with its own weights, its own cache and its input taken from layer k-1. So the exporter
+traces four layers (export.py decides where the layers are alike and traces them) and `stamp`
+writes the others from the last of them, by the rule that layer's graph shows. Nothing is taken
+on trust that the trace does not show:
 
 - before tracing, layers 1 to N-1 must be the same class with the same parameters (names, shapes,
   dtypes) and the same plain settings (numbers, flags, strings) apart from their index, and the
   config's `layer_types`, where it has them, must name one kind of layer (Gemma 2 and 3 alternate
-  sliding and full attention: traced whole);
+  sliding and full attention: traced whole) (export.py);
 - after tracing, layer 2 must be exactly what the rule writes from layer 1 (the same operators,
   attributes and constants, each input taken from the same node of its own layer or of the layer
   before, from its own weight or cache input, or the very value layer 3 reads), so the rule read
-  off layer 3 is seen to hold from layer 1 to 2 and from 2 to 3;
+  off layer 3 is seen to hold from layer 1 to 2 and from 2 to 3; no weight may be read by a layer
+  not its own (torch merges weights of equal value into one input);
 - the export check then compares the whole graph with the whole torch model, as for any export.
 
 Where any of it fails the model is traced whole. Layer 0 is traced but never copied: it starts the
@@ -22,12 +24,10 @@ residual stream, and the tracer leaves there what it computed once for every lay
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import numpy as np
 import onnx_ir as ir
-import torch
 
 TRACED = 4  # layers traced: 0 may differ from the rest; 1 -> 2 and 2 -> 3 show the rule
 CACHE = ("past_key_values.{}.", "present.{}.")  # the KV cache's input and output names (export.cache_names)
@@ -80,70 +80,6 @@ class Layers:
             if name and name.startswith(prefix):
                 return marker.format(new) + name[len(prefix):], kind
         return None
-
-
-def find(wrapper: torch.nn.Module) -> tuple[Layers | None, str]:
-    """The layers of the exported `wrapper` (its `model` is the HuggingFace model) where they may be
-    written from a trace of four, else (None, why not)."""
-    config = wrapper.model.config
-    count = getattr(config, "num_hidden_layers", None)
-    lists = [(name, m) for name, m in wrapper.named_modules()
-             if isinstance(m, torch.nn.ModuleList) and count and len(m) == count]
-    if len(lists) != 1:
-        return None, "no one list of the config's layers"
-    if count <= TRACED + 1:
-        return None, f"{count} layers"
-    kinds = getattr(config, "layer_types", None)
-    if kinds is not None and len(set(map(str, kinds))) > 1:
-        return None, f"layers of {len(set(map(str, kinds)))} kinds"
-    path, layers = lists[0]
-    first = _signature(layers[1])
-    for i in range(2, count):
-        if _signature(layers[i]) != first:
-            return None, f"layer {i} differs from layer 1"
-    return Layers(path, count), ""
-
-
-INDEX = re.compile(r"layer_?(idx|id|index|num|number)")  # a layer's own index: the one setting allowed to differ
-
-
-def _plain(v) -> bool:
-    if isinstance(v, (tuple, list)):
-        return all(_plain(x) for x in v)
-    return v is None or isinstance(v, (bool, int, float, str))
-
-
-def _signature(layer: torch.nn.Module) -> list:
-    """What must be equal for two layers to trace alike: classes, plain settings, parameters."""
-    parts: list = []
-    for name, module in layer.named_modules():
-        settings = sorted((k, repr(v)) for k, v in vars(module).items() if _plain(v) and not INDEX.fullmatch(k))
-        parts.append((name, type(module).__qualname__, settings))
-    for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
-        parts.append((name, tuple(t.shape), t.dtype))
-    return parts
-
-
-@contextlib.contextmanager
-def truncated(wrapper: torch.nn.Module, layers: Layers):
-    """The model with its first TRACED layers only, as its config says too; restored on leaving."""
-    owner_path, _, attr = layers.path.rpartition(".")
-    owner = wrapper.get_submodule(owner_path)
-    full = getattr(owner, attr)
-    config = wrapper.model.config
-    saved = {"num_hidden_layers": config.num_hidden_layers}
-    if getattr(config, "layer_types", None) is not None:
-        saved["layer_types"] = config.layer_types
-    try:
-        setattr(owner, attr, torch.nn.ModuleList(list(full)[:TRACED]))
-        config.num_hidden_layers = TRACED
-        if "layer_types" in saved:
-            config.layer_types = list(saved["layer_types"])[:TRACED]
-        yield
-    finally:
-        setattr(owner, attr, full)
-        for key, value in saved.items():
-            setattr(config, key, value)
 
 
 def stamp(model: ir.Model, layers: Layers, model_inputs: set[str]) -> None:

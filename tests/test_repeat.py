@@ -1,5 +1,5 @@
 """A decoder whose layers are alike is traced through four layers and the others written from the
-fourth (lensgraph/layer_repeat.py): the graph must be the one a whole trace makes, node for node,
+fourth (lensgraph/graph/repeat.py): the graph must be the one a whole trace makes, node for node,
 and run to the same logits; where the layers are not alike, or the trace shows they are not, the
 model is traced whole."""
 
@@ -13,7 +13,8 @@ import transformers as tf
 
 import lensgraph
 import lensgraph.export
-from lensgraph import layer_repeat, tiny_models
+from lensgraph import tiny_models
+from lensgraph.graph import repeat
 from lensgraph.export import export_in_memory, export_model
 
 LAYERS = 6
@@ -88,7 +89,7 @@ def assert_same_graph(a: ir.Graph, b: ir.Graph) -> None:
 def test_layers_written_from_a_short_trace_are_the_whole_trace(family, cache, monkeypatch):
     model = deep(family)
     stamped = export_in_memory(model, cache=cache)
-    assert stamped.info["layers"] == {"traced": layer_repeat.TRACED, "of": LAYERS}
+    assert stamped.info["layers"] == {"traced": repeat.TRACED, "of": LAYERS}
     full = whole(model, cache, monkeypatch)
     assert_same_graph(stamped.model.graph, full.model.graph)
     got = logits(stamped)
@@ -98,7 +99,7 @@ def test_layers_written_from_a_short_trace_are_the_whole_trace(family, cache, mo
 
 def test_a_written_export_records_how_many_layers_were_traced(tmp_path):
     info = export_model(deep("llama"), tmp_path / "m.onnx", exporter="torchscript", cache=True)
-    assert info["layers"] == {"traced": layer_repeat.TRACED, "of": LAYERS} and info["max_abs_diff"] < 1e-5
+    assert info["layers"] == {"traced": repeat.TRACED, "of": LAYERS} and info["max_abs_diff"] < 1e-5
 
 
 @pytest.mark.parametrize("family,overrides,why", [
@@ -116,7 +117,7 @@ def test_a_layer_with_other_settings_is_traced_whole():
     model = deep("llama")
     model.model.layers[4].self_attn.scaling *= 2  # a plain setting the short trace would not see
     wrapper = lensgraph.export.LogitsOnly(model)
-    assert layer_repeat.find(wrapper) == (None, "layer 4 differs from layer 1")
+    assert lensgraph.export._alike_layers(wrapper) == (None, "layer 4 differs from layer 1")
     traced = export_in_memory(model)
     assert traced.info["layers"]["traced"] == LAYERS
     np.testing.assert_allclose(logits(traced), traced.check.expected, atol=1e-5)
@@ -152,6 +153,6 @@ def test_convert_of_a_deeper_model_traces_four_layers_and_verifies(tmp_path):
     ckpt, folder = tmp_path / "ckpt", tmp_path / "lens"
     deep("llama").save_pretrained(ckpt)
     report = lensgraph.from_pretrained(str(ckpt), str(folder))
-    assert report["export"]["layers"] == {"traced": layer_repeat.TRACED, "of": LAYERS}
+    assert report["export"]["layers"] == {"traced": repeat.TRACED, "of": LAYERS}
     assert report["verification"]["max_rel_diff"] < 1e-5 and report["points"] > 0
     assert_points_as_the_written_file_gives_them(str(folder))
