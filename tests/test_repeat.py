@@ -156,3 +156,23 @@ def test_convert_of_a_deeper_model_traces_four_layers_and_verifies(tmp_path):
     assert report["export"]["layers"] == {"traced": repeat.TRACED, "of": LAYERS}
     assert report["verification"]["max_rel_diff"] < 1e-5 and report["points"] > 0
     assert_points_as_the_written_file_gives_them(str(folder))
+
+
+def test_a_layer_reading_a_weight_not_its_own_is_refused():
+    """Where the last traced layer reads a weight that is not its own (torch can point a weight's readers
+    at another weight of equal value), the layers written from it would all read that one weight: the
+    trace is refused, whatever layer 2 reads."""
+    from lensgraph.export import _alike_layers, _first_layers, _torchscript_proto, _wrapped
+
+    model = deep("llama")
+    wrapper, _ = _wrapped(model, False)
+    layers, _ = _alike_layers(wrapper)
+    with _first_layers(wrapper, layers), torch.no_grad():
+        short, args = _wrapped(model, False)
+        traced = ir.serde.deserialize_model(_torchscript_proto(short, args, None))
+    inputs = {v.name: v for v in traced.graph.inputs}
+    own, other = (f"model.model.layers.{i}.post_attention_layernorm.weight" for i in (3, 1))
+    reader = next(u for u in inputs[own].uses())
+    reader.node.replace_input_with(reader.idx, inputs[other])
+    with pytest.raises(repeat.Refused, match="not its own"):
+        repeat.stamp(traced, layers, {"input_ids", "attention_mask"})
