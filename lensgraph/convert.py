@@ -137,10 +137,13 @@ def _traced(source, staged: StagedFolder, manager, exporter: str, with_cache: bo
     if memory is not None:
         holder, check = memory
         points = {}
+
+        def place_points(model, written) -> None:  # on the model in memory, before verification
+            step("points")
+            points["points"] = _points(staged.path, notes, (model, written))
+
         report = process_loaded(holder, exported, os.path.join(staged.path, MODEL), manager, verify=verify,
-                                progress=step, reference=reference,
-                                written=None if hooks else lambda model, written: points.update(
-                                    points=_points_of(model, written, staged.path, notes, step)))
+                                progress=step, reference=reference, written=None if hooks else place_points)
         report.update(points)
         if not report["written"]:  # nothing to rewrite or nothing changed: the export itself is the model
             report["data_file"] = _write_checked(holder, check, os.path.join(staged.path, MODEL))
@@ -243,34 +246,23 @@ def _write_checked(holder: list, check, path: str) -> str | None:
     return staged.data_path
 
 
-def _points(folder: str, notes: list) -> int:
+def _points(folder: str, notes: list, in_memory=None) -> int:
     """model.hooks.onnx beside the folder's model: every hook point, placed now so that
-    run_with_cache's first call only opens it. Returns how many points it holds."""
-    from .interp.cache import save_points
+    run_with_cache's first call only opens it. Returns how many points it holds. `in_memory`:
+    (the processed model still in memory, the StagedModel that has just written it): the points are
+    placed on that model, its weights reading the written files, rather than on the file read back,
+    before verification, which then has the memory to itself."""
+    from .interp.cache import save_points, save_points_of
 
+    model_path, out = os.path.join(folder, MODEL), os.path.join(folder, POINTS)
     try:
-        count = save_points(os.path.join(folder, MODEL), os.path.join(folder, POINTS))
+        count = save_points(model_path, out) if in_memory is None else \
+            save_points_of(in_memory[0], model_path, in_memory[1].staged_path, out)
     except LensError as exc:
         notes.append(f"no {POINTS}: {exc}; run_with_cache places the points on its first call")
         return 0
     if not count:
-        os.remove(os.path.join(folder, POINTS))
-    return count
-
-
-def _points_of(model, written, folder: str, notes: list, step) -> int:
-    """`_points` for the processed model still in memory, reading the files `written` (a StagedModel)
-    holds: made before verification, which then has the memory to itself."""
-    from .interp.cache import save_points_of
-
-    step("points")
-    try:
-        count = save_points_of(model, os.path.join(folder, MODEL), written.staged_path, os.path.join(folder, POINTS))
-    except LensError as exc:
-        notes.append(f"no {POINTS}: {exc}; run_with_cache places the points on its first call")
-        return 0
-    if not count:
-        os.remove(os.path.join(folder, POINTS))
+        os.remove(out)
     return count
 
 
