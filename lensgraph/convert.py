@@ -178,7 +178,8 @@ def _export_checked(source, holder: list, path: str, exporter: str, with_cache: 
     own weights, which then stay the export's (export.Traced). Returns the export's info, the
     reference (None where nothing will be verified) and, in memory, ([the export as a LensModel,
     its only reference], its pending check) (else None)."""
-    from .export import ExportError, ExportInputError, export_in_memory, export_model, load_hf_model, weight_bytes
+    from .export import (ExportError, ExportInputError, export_in_memory, export_model, load_hf_model, short_traced,
+                         weight_bytes)
     from .store.model import LensModel
     from .store.runner import Runner
     from .verify import reference
@@ -188,21 +189,25 @@ def _export_checked(source, holder: list, path: str, exporter: str, with_cache: 
     if not cache and with_cache is None:
         notes.append(f"no KV cache: the {chosen} exporter cannot trace one; generate runs the whole sequence for "
                      "each token")
-    attempts = ([(chosen, True)] if cache else []) + [(chosen, False)] + \
-        ([("dynamo", False)] if exporter == "auto" and chosen != "dynamo" else [])
+    attempts = ([(chosen, True, True)] if cache else []) + [(chosen, False, True)] + \
+        ([("dynamo", False, True)] if exporter == "auto" and chosen != "dynamo" else [])
     external = weight_bytes(holder[0]) > EXTERNAL_ABOVE or None  # None: export's own limit decides
-    for kind, kv in attempts:
+    while attempts:
+        kind, kv, short = attempts.pop(0)
         traced = runner = None
+        info = {}
         try:
             if not holder:  # released by the attempt before: load the source again
                 holder.append(load_hf_model(source, dtype=dtype, verbose=verbose))
             if in_memory and kind == "torchscript":
-                traced = export_in_memory(holder[0], verbose=verbose, cache=kv)
+                traced = export_in_memory(holder[0], verbose=verbose, cache=kv, short=short)
                 info, check = {**traced.info, "external_data": bool(external)}, traced.check
             else:
                 info = export_model(holder[0], path, exporter=kind, verbose=verbose, cache=kv, external_data=external,
-                                    check="later")
+                                    check="later", short=short)
                 check = info.pop("check")
+            if not short and "layers" in info:
+                info["layers"]["why"] = "written from four traced layers, it failed its check"
             holder.clear()
             if traced is None:  # the model's reference cycles (transformers', the trace's) hold its weights; in
                 gc.collect()  # memory the export views them, and a collection (0.2 s) would free none of them
@@ -219,11 +224,15 @@ def _export_checked(source, holder: list, path: str, exporter: str, with_cache: 
             return info, ref, ([model], check)
         except ExportError as exc:
             traced = runner = None  # the torch weights, released before the source is loaded again
+            for name in os.listdir(os.path.dirname(path)):  # the failed export and its data
+                os.remove(os.path.join(os.path.dirname(path), name))
+            if short_traced(info) and not isinstance(exc, ExportInputError):  # the same export, traced whole
+                notes.append(f"the export written from four traced layers failed its check ({exc}); traced whole")
+                attempts.insert(0, (kind, kv, False))
+                continue
             if isinstance(exc, ExportInputError) or (kv and with_cache) or (not kv and exporter != "auto") \
                     or kind == "dynamo":
                 raise
-            for name in os.listdir(os.path.dirname(path)):  # the failed export and its data
-                os.remove(os.path.join(os.path.dirname(path), name))
             if kv:
                 notes.append(f"no KV cache: its export failed ({exc}); generate runs the whole sequence for each token")
             else:

@@ -5,6 +5,7 @@ and output ``logits`` ([batch, sequence, vocab]); batch and sequence are dynamic
 """
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -322,10 +323,10 @@ def _export_dynamo(wrapper, args, staged: StagedModel, opset, verbose):
     return program.model.opset_imports.get("", None)
 
 
-def _export_torchscript(wrapper, args, staged: StagedModel, opset, cache_layers=0):
+def _export_torchscript(wrapper, args, staged: StagedModel, opset, cache_layers=0, short: bool = True):
     """Tracing based, written with lensgraph's streaming writer (see `_trace_torchscript`). Returns
     the opset written and what `Traced.layers` says."""
-    traced = _trace_torchscript(wrapper, args, opset, cache_layers)
+    traced = _trace_torchscript(wrapper, args, opset, cache_layers, short)
     staged.write(traced.model)
     return traced.model.opset_imports.get("", None), traced.layers
 
@@ -351,17 +352,20 @@ class Traced:
         return runner
 
 
-def _trace_torchscript(wrapper, args, opset, cache_layers=0) -> Traced:
+def _trace_torchscript(wrapper, args, opset, cache_layers=0, short: bool = True) -> Traced:
     """Tracing based, with the weights left out of torch's ONNX file: the traced graph takes them
     as inputs, and lensgraph makes them initializers over the torch tensors themselves (no
     copy). torch would otherwise build the whole file in memory, weights included, once in C++
     and once as Python bytes: about twice the time and three times the model's size at the peak.
     A decoder whose layers are alike is traced through its first four layers and the others are
-    written from those (graph/repeat.py); any other model is traced whole."""
+    written from those (graph/repeat.py), unless `short` is off (an export that will not be checked
+    against torch, or one traced again after its short trace failed the check); any other model is
+    traced whole."""
     import onnx_ir as ir
 
     inputs = ["input_ids", "attention_mask"] + (cache_names(cache_layers)[0] if cache_layers else [])
-    model, layers = _short_trace(wrapper, opset, bool(cache_layers))
+    count = getattr(wrapper.model.config, "num_hidden_layers", None)
+    model, layers = _short_trace(wrapper, opset, bool(cache_layers)) if short else (None, {"traced": count, "of": count})
     if model is not None:
         graph = ir.serde.serialize_model(model).SerializeToString()
     else:
@@ -373,6 +377,12 @@ def _trace_torchscript(wrapper, args, opset, cache_layers=0) -> Traced:
     tensors.update(wrapper.named_buffers(remove_duplicate=False))
     weights = _weights_as_initializers(model.graph, tensors, set(inputs))
     return Traced(model, graph, weights, layers)
+
+
+def short_traced(info: dict) -> bool:
+    """Whether an export's info says it was written from a trace of fewer layers than it has."""
+    layers = info.get("layers") or {}
+    return bool(layers) and layers.get("traced") != layers.get("of")
 
 
 def _short_trace(wrapper, opset, cache: bool):
@@ -404,7 +414,10 @@ def _short_trace(wrapper, opset, cache: bool):
 def _alike_layers(wrapper):
     """The decoder layers of `wrapper` (its `model` the HuggingFace model) as graph/repeat.py names
     them, where layers 1 to N-1 are one module repeated and a trace of four may stand for them all;
-    else (None, why not)."""
+    else (None, why not). What a trace of four could not show must be equal between the layers:
+    their classes, parameters, settings (numbers, flags, strings, and what other objects they hold),
+    no hooks and no forward of their own, and the config's per-layer lists (`layer_types` and the
+    like: one entry per layer)."""
     from .graph.repeat import TRACED, Layers
 
     config = wrapper.model.config
@@ -415,54 +428,89 @@ def _alike_layers(wrapper):
         return None, "no one list of the config's layers"
     if count <= TRACED + 1:
         return None, f"{count} layers"
-    kinds = getattr(config, "layer_types", None)
-    if kinds is not None and len(set(map(str, kinds))) > 1:
-        return None, f"layers of {len(set(map(str, kinds)))} kinds"
+    for key, entries in _per_layer(config, count).items():
+        kinds = {repr(e) for e in entries}
+        if len(kinds) > 1:
+            return None, f"the config's {key} names layers of {len(kinds)} kinds"
     path, layers = lists[0]
     first = _signature(layers[1])
-    for i in range(2, count):
-        if _signature(layers[i]) != first:
+    for i in range(1, count):
+        found = _signature(layers[i])
+        if found is None:
+            return None, f"layer {i} has a hook or a forward of its own"
+        if found != first:
             return None, f"layer {i} differs from layer 1"
     return Layers(path, count), ""
+
+
+def _per_layer(config, count: int) -> dict:
+    """The config's lists of one entry per layer (layer_types, no_rope_layers, ...)."""
+    return {key: value for key, value in vars(config).items()
+            if isinstance(value, (list, tuple)) and len(value) == count and not key.startswith("_")}
 
 
 LAYER_INDEX = re.compile(r"layer_?(idx|id|index|num|number)")  # a layer's own index: the setting allowed to differ
 
 
-def _signature(layer) -> list:
-    """What must be equal for two layers to trace alike: classes, plain settings, parameters."""
-    def plain(v) -> bool:
-        if isinstance(v, (tuple, list)):
-            return all(plain(x) for x in v)
-        return v is None or isinstance(v, (bool, int, float, str))
-
+def _signature(layer) -> list | None:
+    """What must be equal for two layers to trace alike: classes, settings, parameters; None for a
+    layer with hooks or a forward of its own (what they do is seen only by running them)."""
     parts: list = []
     for name, module in layer.named_modules():
-        settings = sorted((k, repr(v)) for k, v in vars(module).items() if plain(v) and not LAYER_INDEX.fullmatch(k))
+        held = vars(module)
+        if "forward" in held or any(k.endswith("hooks") and isinstance(v, dict) and v for k, v in held.items()
+                                    if "state_dict" not in k):
+            return None
+        settings = sorted((k, _described(v)) for k, v in held.items()
+                          if k not in ("_parameters", "_buffers", "_modules") and not LAYER_INDEX.fullmatch(k))
         parts.append((name, type(module).__qualname__, settings))
     for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
         parts.append((name, tuple(t.shape), t.dtype))
     return parts
 
 
+def _described(value, depth: int = 0):
+    """A value as two layers must share it: plain values and containers by content, a partial by what
+    it calls with what, a tensor by its values, a module by its class and signature, anything else (the
+    config, a function) by identity."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    if depth > 4:
+        return ("object", id(value))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_described(v, depth + 1) for v in value))
+    if isinstance(value, (set, frozenset)):
+        return ("set", tuple(sorted(repr(_described(v, depth + 1)) for v in value)))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((repr(k), repr(_described(v, depth + 1))) for k, v in value.items())))
+    if isinstance(value, functools.partial):
+        return ("partial", _described(value.func, depth + 1), _described(value.args, depth + 1),
+                _described(value.keywords, depth + 1))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype), value.detach().cpu().numpy().tobytes())
+    if isinstance(value, torch.nn.Module):  # held outside the module tree (the kernels hub's per-layer wrappers)
+        signature = _signature(value)
+        return ("module", id(type(value)), repr(signature) if signature is not None else ("hooked", id(value)))
+    return ("object", id(value))
+
+
 @contextlib.contextmanager
 def _first_layers(wrapper, layers):
-    """The model with its first graph/repeat.TRACED layers only, as its config says too; restored
-    on leaving."""
+    """The model with its first graph/repeat.TRACED layers only, as its config says too (its count
+    and its per-layer lists); restored on leaving."""
     from .graph.repeat import TRACED
 
     owner_path, _, attr = layers.path.rpartition(".")
     owner = wrapper.get_submodule(owner_path)
     full = getattr(owner, attr)
     config = wrapper.model.config
-    saved = {"num_hidden_layers": config.num_hidden_layers}
-    if getattr(config, "layer_types", None) is not None:
-        saved["layer_types"] = config.layer_types
+    saved = {"num_hidden_layers": config.num_hidden_layers, **_per_layer(config, config.num_hidden_layers)}
     try:
         setattr(owner, attr, torch.nn.ModuleList(list(full)[:TRACED]))
         config.num_hidden_layers = TRACED
-        if "layer_types" in saved:
-            config.layer_types = list(saved["layer_types"])[:TRACED]
+        for key, value in saved.items():  # the per-layer lists, as long as the layers (all alike)
+            if key != "num_hidden_layers":
+                setattr(config, key, type(value)(value[:TRACED]))
         yield
     finally:
         setattr(owner, attr, full)
@@ -703,7 +751,7 @@ def _check_choices(exporter, opset):
 
 
 def export_model(model, out_path, exporter="dynamo", opset=None, check=True, verbose=None,
-                 cache=False, external_data=None):
+                 cache=False, external_data=None, short: bool = True):
     """Export a loaded causal LM to out_path and, if check, compare it with torch. With
     check="later" the result's "check" is the PendingCheck to run (the file is then in place
     before it is checked: the caller's staging folder keeps it from being published).
@@ -711,7 +759,9 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
     With cache, the graph is a generation step with past_key_values.* inputs and
     present.* outputs (TorchScript exporter only). The file appears only once
     everything has succeeded: it is written in a temporary folder beside out_path
-    and moved into place at the end.
+    and moved into place at the end. A TorchScript export is written from a trace of
+    four layers where the layers are alike (graph/repeat.py), never where it is not
+    checked, and is traced whole where that export fails the check (`short` off: at once).
     """
     opset = _check_choices(exporter, opset)
     if cache and exporter != "torchscript":
@@ -729,9 +779,18 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
     staged = prepare(str(out_path), out_path.name + ".data" if external else None)
     dest = staged.staged_path
     with staged:
-        wrapper, _, info = _trace(model, exporter, opset, cache, verbose, staged)
+        wrapper, _, info = _trace(model, exporter, opset, cache, verbose, staged, short=short and bool(check))
+        if exporter == "torchscript" and not check:
+            info["layers"]["why"] = "not checked against torch, so traced whole"
         pending = PendingCheck(wrapper, vocab, name, exporter, dtype, cache, verbose) if check else None
-        max_diff = pending.run(dest) if check and check != "later" else None
+        try:
+            max_diff = pending.run(dest) if check and check != "later" else None
+        except ExportError as exc:
+            if not short_traced(info):
+                raise
+            wrapper, _, info = _trace(model, exporter, opset, cache, verbose, staged, short=False)
+            info["layers"] = {**info.get("layers", {}), "why": f"written from four, it failed the check ({exc})"}
+            max_diff = pending.run(dest)
 
     return {
         **info,
@@ -743,7 +802,7 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
     }
 
 
-def export_in_memory(model, opset=None, verbose=None, cache=False) -> Traced:
+def export_in_memory(model, opset=None, verbose=None, cache=False, short: bool = True) -> Traced:
     """A TorchScript export of a loaded causal LM held in memory, not written (see Traced), with its
     check's torch half computed (`check`: run it on `runner()`, or on the file once written). The
     weights stay the torch model's own memory: release every other reference to the model and
@@ -751,7 +810,7 @@ def export_in_memory(model, opset=None, verbose=None, cache=False) -> Traced:
     opset = _check_choices("torchscript", opset)
     verbose = _verbose(verbose)
     name = getattr(model, "name_or_path", "") or type(model).__name__
-    wrapper, traced, info = _trace(model, "torchscript", opset, cache, verbose, None)
+    wrapper, traced, info = _trace(model, "torchscript", opset, cache, verbose, None, short=short)
     traced.info = {**info, "max_abs_diff": None}
     traced.check = PendingCheck(wrapper, _vocab_size(model), name, "torchscript", _model_dtype(model), cache, verbose)
     return traced
@@ -777,7 +836,7 @@ def _wrapped(model, cache: bool):
     return wrapper, args
 
 
-def _trace(model, exporter: str, opset, cache: bool, verbose, staged: StagedModel | None):
+def _trace(model, exporter: str, opset, cache: bool, verbose, staged: StagedModel | None, short: bool = True):
     """Trace `model` (wrapped for its call signature) with `exporter` and write the graph to `staged`,
     or with no `staged` (TorchScript only) keep it in memory. Returns (wrapper, the Traced export
     or None where written, the export's info: exporter, opset written, seconds, ...)."""
@@ -793,9 +852,10 @@ def _trace(model, exporter: str, opset, cache: bool, verbose, staged: StagedMode
                 written_opset = _export_dynamo(wrapper, args, staged, opset, verbose)
             elif staged is not None:
                 written_opset, layers = _export_torchscript(wrapper, args, staged, opset,
-                                                            cache_layers=wrapper.layers if cache else 0)
+                                                            cache_layers=wrapper.layers if cache else 0, short=short)
             else:
-                traced = _trace_torchscript(wrapper, args, opset, cache_layers=wrapper.layers if cache else 0)
+                traced = _trace_torchscript(wrapper, args, opset, cache_layers=wrapper.layers if cache else 0,
+                                            short=short)
                 written_opset, layers = traced.model.opset_imports.get("", None), traced.layers
     except LensError:
         raise

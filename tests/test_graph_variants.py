@@ -179,7 +179,7 @@ def test_the_probes_zero_weights_are_private_maps_that_hold_no_memory():
     import mmap
     import resource
 
-    from lensgraph.graph.probe import zeros
+    from lensgraph.graph.probe import _huge_zero_page, zeros
 
     def rss_mib():
         with open("/proc/self/status") as f:
@@ -198,13 +198,3 @@ def test_the_probes_zero_weights_are_private_maps_that_hold_no_memory():
     assert zeros((3,), np.float16).tolist() == [0.0, 0.0, 0.0]  # below a page: plain numpy zeros
 
 
-def _huge_zero_page() -> bool:
-    """Whether this kernel maps a huge page of zeros for reads of memory that asks for huge pages."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            enabled = f.read()
-        with open("/sys/kernel/mm/transparent_hugepage/use_zero_page") as f:
-            zero = f.read().strip()
-    except OSError:
-        return False
-    return "[never]" not in enabled and zero == "1"

@@ -103,7 +103,9 @@ def test_a_written_export_records_how_many_layers_were_traced(tmp_path):
 
 
 @pytest.mark.parametrize("family,overrides,why", [
-    ("gemma2", {"layer_types": ["sliding_attention", "full_attention"] * (LAYERS // 2)}, "layers of 2 kinds"),
+    ("gemma2", {"layer_types": ["sliding_attention", "full_attention"] * (LAYERS // 2)},
+     "the config's layer_types names layers of 2 kinds"),
+    ("llama", {"no_rope_layers": [1, 1, 1, 1, 0, 1]}, "the config's no_rope_layers names layers of 2 kinds"),
     ("llama", {"num_hidden_layers": 5}, "5 layers"),
 ])
 def test_layers_of_several_kinds_or_too_few_are_traced_whole(family, overrides, why):
@@ -125,14 +127,40 @@ def test_a_layer_with_other_settings_is_traced_whole():
 
 @pytest.mark.parametrize("hooked,why", [("3", "nodes"), ("1-5", "attributes")])
 def test_a_traced_layer_unlike_the_one_before_is_traced_whole(hooked, why):
-    """What no setting shows the trace shows: layer 2 is not what layer 3's rule writes from layer 1,
-    so nothing is written from layer 3. Here a hook scales layer 3's MLP output (more nodes than
-    layer 2's), or every layer's by a factor of its own (the same nodes, other constants)."""
+    """What the layers' modules do not show the trace shows: layer 2 is not what layer 3's rule writes
+    from layer 1, so nothing is written from layer 3. Here a hook torch runs for every module (no layer
+    holds it) scales layer 3's MLP output (more nodes than layer 2's), or every layer's by a factor of
+    its own (the same nodes, other constants)."""
     model = deep("llama")
-    for i in ([3] if hooked == "3" else range(1, LAYERS)):
-        model.model.layers[i].mlp.register_forward_hook(lambda module, args, out, f=1 + i / 10: out * f)
-    traced = export_in_memory(model)
+    factors = {id(model.model.layers[i].mlp): 1 + i / 10 for i in ([3] if hooked == "3" else range(1, LAYERS))}
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: out * factors[id(module)] if id(module) in factors else None)
+    try:
+        traced = export_in_memory(model)
+    finally:
+        hook.remove()
     assert traced.info["layers"]["traced"] == LAYERS and why in traced.info["layers"]["why"]
+    np.testing.assert_allclose(logits(traced), traced.check.expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["hook", "forward", "kernel"])
+def test_a_layer_with_a_hook_or_a_forward_of_its_own_is_traced_whole(change):
+    """A hook or a forward on layer 4 alone is what a trace of layers 0-3 cannot show, however small its
+    effect (here 2e-6, inside the export check's tolerance): the model is traced whole."""
+    model = deep("llama")
+    layer = model.model.layers[4]
+    if change == "hook":
+        layer.mlp.register_forward_hook(lambda module, args, out: out + 2e-6)
+    elif change == "forward":
+        plain = layer.mlp.forward
+        layer.mlp.forward = lambda x: plain(x) + 2e-6
+    else:  # a module held outside the tree (the kernels hub's wrapper), of a class of its own
+        layer.self_attn._kernel_funcs = {k: type("Func", (type(f),), {})()
+                                         for k, f in layer.self_attn._kernel_funcs.items()}
+    wrapper = lensgraph.export.LogitsOnly(model)
+    assert lensgraph.export._alike_layers(wrapper)[0] is None
+    traced = export_in_memory(model)
+    assert traced.info["layers"]["traced"] == LAYERS
     np.testing.assert_allclose(logits(traced), traced.check.expected, atol=1e-5)
 
 
@@ -176,3 +204,38 @@ def test_a_layer_reading_a_weight_not_its_own_is_refused():
     reader.node.replace_input_with(reader.idx, inputs[other])
     with pytest.raises(repeat.Refused, match="not its own"):
         repeat.stamp(traced, layers, {"input_ids", "attention_mask"})
+
+
+def _stamped_wrong(monkeypatch):
+    """Layers written from the short trace with one constant of layer 5 changed: a graph only the
+    export check against torch can tell from the whole trace."""
+    stamp = repeat.stamp
+
+    def wrong(model, layers, own):
+        stamp(model, layers, own)
+        node = next(n for n in model.graph if n.name.startswith("/model/model/layers.5/mlp/down_proj")
+                    and n.op_type in ("MatMul", "Gemm"))
+        scaled = ir.node("Mul", [node.outputs[0], ir.Value(name="twice", const_value=ir.tensor(np.float32(2.0)))])
+        model.graph.register_initializer(scaled.inputs[1])
+        node.outputs[0].replace_all_uses_with(scaled.outputs[0])
+        scaled.replace_input_with(0, node.outputs[0])
+        model.graph.insert_after(node, scaled)
+
+    monkeypatch.setattr(repeat, "stamp", wrong)
+
+
+def test_a_short_trace_that_fails_the_export_check_is_traced_whole(tmp_path, monkeypatch):
+    """convert and export check the export written from four layers against torch; where it fails, the
+    model is traced whole and checked again, and the report says why (lensgraph export too)."""
+    _stamped_wrong(monkeypatch)
+    ckpt = tmp_path / "ckpt"
+    deep("llama").save_pretrained(ckpt)
+    report = lensgraph.from_pretrained(str(ckpt), str(tmp_path / "lens"))
+    assert report["export"]["layers"]["traced"] == LAYERS and report["export"]["cache"]
+    assert "failed its check" in report["export"]["layers"]["why"]
+    assert any("traced whole" in n for n in report["notes"])
+    assert report["verification"]["max_rel_diff"] < 1e-5
+    info = export_model(deep("llama"), tmp_path / "m.onnx", exporter="torchscript")
+    assert info["layers"]["traced"] == LAYERS and "failed the check" in info["layers"]["why"]
+    unchecked = export_model(deep("llama"), tmp_path / "n.onnx", exporter="torchscript", check=False)
+    assert unchecked["layers"] == {"traced": LAYERS, "of": LAYERS, "why": "not checked against torch, so traced whole"}

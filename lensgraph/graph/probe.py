@@ -15,6 +15,7 @@ zero pages), so it costs no copy of the weights, whatever the model's size.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 
@@ -117,15 +118,16 @@ def zeros(shape, dtype) -> np.ndarray:
     """An array of zeros that holds no memory: a private anonymous map, whose pages read as the
     kernel's one zero page until written. numpy's zeros come from the heap in a process that has
     freed large arrays before (convert, by the time it places the points), and are then cleared
-    and resident: 0.2-0.4 s and 400 MiB for SmolLM2-135M's weights here. A map of a megabyte or
-    more is asked for huge pages, aligned to them: its reads then fault in the kernel's huge zero
-    page, one fault per 2 MiB rather than per 4 KiB (0.1 s less on 400 MiB of weights here; still
-    no memory); where the kernel does not take the hint, nothing changes."""
+    and resident: 0.2-0.4 s and 400 MiB for SmolLM2-135M's weights here. Where the kernel reads
+    untouched huge pages as its one huge zero page, a map of a megabyte or more asks for huge pages,
+    aligned to them: its reads then fault once per 2 MiB rather than per 4 KiB (0.1 s less on 400
+    MiB of weights here; still no memory). Without that zero page a read would fill real huge pages,
+    so nothing is asked."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes < mmap.PAGESIZE:
         return np.zeros(shape, dtype)
-    huge = nbytes >= HUGE_PAGE // 2 and hasattr(mmap, "MADV_HUGEPAGE")
+    huge = nbytes >= HUGE_PAGE // 2 and hasattr(mmap, "MADV_HUGEPAGE") and _huge_zero_page()
     pages = mmap.mmap(-1, nbytes + (HUGE_PAGE if huge else 0), flags=mmap.MAP_PRIVATE)
     start = 0
     if huge:
@@ -135,6 +137,19 @@ def zeros(shape, dtype) -> np.ndarray:
             pass
         start = -np.frombuffer(pages, np.uint8, count=1).ctypes.data % HUGE_PAGE
     return np.frombuffer(pages, dtype, count=nbytes // dtype.itemsize, offset=start).reshape(shape)
+
+
+@functools.cache
+def _huge_zero_page() -> bool:
+    """Whether this kernel maps its huge zero page for reads of memory that asks for huge pages."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            enabled = f.read()
+        with open("/sys/kernel/mm/transparent_hugepage/use_zero_page") as f:
+            zero = f.read().strip()
+    except OSError:
+        return False
+    return "[never]" not in enabled and zero == "1"
 
 
 def _prune(graph, outputs: list[str]) -> None:

@@ -4,19 +4,25 @@ Tracing and converting cost the same for every decoder layer: on SmolLM2-135M's 
 about nine tenths of the export. Where the layers are one module repeated, layer k's graph is layer
 k-1's with its own weights, its own cache and its input taken from layer k-1. So the exporter
 traces four layers (export.py decides where the layers are alike and traces them) and `stamp`
-writes the others from the last of them, by the rule that layer's graph shows. Nothing is taken
-on trust that the trace does not show:
+writes the others from the last of them, by the rule that layer's graph shows. What a trace of four
+layers cannot show is compared on the modules before tracing; what it shows is checked on the
+graph; the whole export is then checked against the whole torch model:
 
-- before tracing, layers 1 to N-1 must be the same class with the same parameters (names, shapes,
-  dtypes) and the same plain settings (numbers, flags, strings) apart from their index, and the
-  config's `layer_types`, where it has them, must name one kind of layer (Gemma 2 and 3 alternate
-  sliding and full attention: traced whole) (export.py);
+- before tracing (export.py), layers 1 to N-1 must be the same class with the same parameters
+  (names, shapes, dtypes) and the same settings apart from their index (numbers, flags, strings and
+  containers of them by value, other objects they hold by identity or class), with no hooks and no
+  forward of their own, and every per-layer list of the config (`layer_types`, `no_rope_layers`,
+  ...) must name one kind of layer (Gemma 2 and 3 alternate sliding and full attention: traced
+  whole);
 - after tracing, layer 2 must be exactly what the rule writes from layer 1 (the same operators,
   attributes and constants, each input taken from the same node of its own layer or of the layer
   before, from its own weight or cache input, or the very value layer 3 reads), so the rule read
-  off layer 3 is seen to hold from layer 1 to 2 and from 2 to 3; no weight may be read by a layer
-  not its own (torch merges weights of equal value into one input);
-- the export check then compares the whole graph with the whole torch model, as for any export.
+  off layer 3 is seen to hold from layer 1 to 2 and from 2 to 3; no layer may read a weight not
+  its own (torch merges weights of equal value into one input), and nothing outside the layers may
+  read a layer's own input but layer 0's cache (read for its length);
+- the export check compares the whole graph with the whole torch model, as for any export; an
+  export written from four layers is never left unchecked, and one that fails the check is traced
+  whole and checked again.
 
 Where any of it fails the model is traced whole. Layer 0 is traced but never copied: it starts the
 residual stream, and the tracer leaves there what it computed once for every layer.
@@ -24,6 +30,7 @@ residual stream, and the tracer leaves there what it computed once for every lay
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -111,6 +118,12 @@ def stamp(model: ir.Model, layers: Layers, model_inputs: set[str]) -> None:
             layer = home.get(id(value.producer())) if value is not None and value.producer() is not None else None
             if layer is not None and layer != last and id(value) not in shared:
                 raise Refused(f"{node.name} reads layer {layer}, not the last")
+    for node in graph:  # outside the layers, a layer's own input (but layer 0's cache, read for its length)
+        if id(node) not in home:
+            for value in node.inputs:
+                if value is not None and value.is_graph_input() and any(
+                        layers.rename(value.name, i, i) for i in range(1, TRACED)):
+                    raise Refused(f"{node.name}, outside the layers, reads {value.name}")
 
     names = _Names(graph, layers)
     order = {id(v): i for i, v in enumerate([*graph.inputs, *graph.outputs])}  # where a made one goes, per layer
@@ -120,7 +133,7 @@ def stamp(model: ir.Model, layers: Layers, model_inputs: set[str]) -> None:
     def weight_or_cache(like: ir.Value, k: int) -> ir.Value:
         new, kind = layers.rename(like.name, last, k)
         if new not in inputs:
-            inputs[new] = ir.Value(name=names.take(new), shape=_copy(like.shape), type=like.type)
+            inputs[new] = ir.Value(name=names.take(new), shape=_copy(like.shape), type=copy.copy(like.type))
             made_inputs.append((kind, (k, order[id(like)]), inputs[new]))
         return inputs[new]
 
@@ -129,16 +142,16 @@ def stamp(model: ir.Model, layers: Layers, model_inputs: set[str]) -> None:
         block: list[ir.Node] = []
         for node, rule in zip(template, rules):
             ins = [_resolve(r, block, before, lambda like, k=k: weight_or_cache(like, k)) for r in rule]
-            copy = ir.Node(node.domain, node.op_type, ins, attributes=list(node.attributes.values()),
-                           overload=node.overload, num_outputs=len(node.outputs), version=node.version,
-                           name=names.fresh(node.name, last, k), doc_string=node.doc_string,
-                           metadata_props=dict(node.metadata_props) or None)
-            for out, like in zip(copy.outputs, node.outputs):
+            made_node = ir.Node(node.domain, node.op_type, ins, attributes=list(node.attributes.values()),
+                                overload=node.overload, num_outputs=len(node.outputs), version=node.version,
+                                name=names.fresh(node.name, last, k), doc_string=node.doc_string,
+                                metadata_props=dict(node.metadata_props) or None)
+            for out, like in zip(made_node.outputs, node.outputs):
                 out.name = names.fresh(like.name, last, k)
-                out.shape, out.type = _copy(like.shape), like.type
+                out.shape, out.type = _copy(like.shape), copy.copy(like.type)  # setting a dtype changes a type
                 if like.is_graph_output():
                     made_outputs.append((0, (k, order[id(like)]), out))
-            block.append(copy)
+            block.append(made_node)
         made += block
         before = block
     for node in late:  # the last layer is now layer count-1
@@ -309,7 +322,7 @@ class _Names:
 
     def __init__(self, graph: ir.Graph, layers: Layers):
         self.layers = layers
-        self.used = {v.name for v in graph.inputs} | {n.name for n in graph} | \
+        self.used = {v.name for v in graph.inputs} | set(graph.initializers) | {n.name for n in graph} | \
             {o.name for n in graph for o in n.outputs}
         numbers = [int(m.group(1)) for name in self.used if name and (m := re.search(r"_(\d+)$", name))]
         self.next = max(numbers, default=0) + 1

@@ -177,15 +177,16 @@ class LensModel:
     def read_written(self, staged: StagedModel) -> None:
         """Point every weight `staged` streamed at its bytes in the written files (still in its
         hidden folder): the model in memory then reads what was written, as one loaded from those
-        files would (safety.open_model: the small ones read into memory), and no longer holds what
-        its weights were computed from."""
+        files would (safety.open_model: the small ones read into memory), and holds none of what the
+        streamed weights were computed from (initializers of 1 KiB or less are not streamed: they
+        stay as they are)."""
         own = os.path.basename(staged.path)
         for value in self.graph.initializers.values():
             if value.name not in staged.placed:
                 continue
             location, offset, length = staged.placed[value.name]
             tensor = value.const_value
-            if length <= (wire.KEPT if location == own else SMALL_TENSOR):
+            if length <= (wire.KEPT if location == own else SMALL_TENSOR) and tensor.dtype.bitwidth % 8 == 0:
                 written = file_tensor(os.path.join(staged.tmpdir, location), offset, tensor.dtype, tensor.shape,
                                       value.name)
                 value.const_value = ir.Tensor(written.numpy(), name=value.name, doc_string=tensor.doc_string,
@@ -259,10 +260,13 @@ def _read_in_place(model: ir.Model, path: str) -> None:
 
 def _clean_and_sorted(graph: ir.Graph) -> bool:
     """Every node feeds something, and reads only what comes before it."""
+    return all(any(o.uses() or o.is_graph_output() for o in node.outputs) for node in graph) and is_sorted(graph)
+
+
+def is_sorted(graph: ir.Graph) -> bool:
+    """Whether every node reads only the graph's inputs and initializers and what nodes before it make."""
     made = {id(v) for v in graph.inputs} | {id(v) for v in graph.initializers.values()}
     for node in graph:
-        if not any(o.uses() or o.is_graph_output() for o in node.outputs):
-            return False
         if any(v is not None and id(v) not in made for v in node.inputs):
             return False
         made.update(id(o) for o in node.outputs)
