@@ -190,12 +190,12 @@ def test_a_layer_reading_a_weight_not_its_own_is_refused():
     """Where the last traced layer reads a weight that is not its own (torch can point a weight's readers
     at another weight of equal value), the layers written from it would all read that one weight: the
     trace is refused, whatever layer 2 reads."""
-    from lensgraph.export import _alike_layers, _first_layers, _torchscript_proto, _wrapped
+    from lensgraph.export import _alike_layers, _first_layers, _quiet, _torchscript_proto, _wrapped
 
     model = deep("llama")
     wrapper, _ = _wrapped(model, False)
     layers, _ = _alike_layers(wrapper)
-    with _first_layers(wrapper, layers), torch.no_grad():
+    with _first_layers(wrapper, layers), torch.no_grad(), _quiet(False):  # as export traces: torch's warnings hidden
         short, args = _wrapped(model, False)
         traced = ir.serde.deserialize_model(_torchscript_proto(short, args, None))
     inputs = {v.name: v for v in traced.graph.inputs}
