@@ -178,8 +178,8 @@ def _export_checked(source, holder: list, path: str, exporter: str, with_cache: 
     own weights, which then stay the export's (export.Traced). Returns the export's info, the
     reference (None where nothing will be verified) and, in memory, ([the export as a LensModel,
     its only reference], its pending check) (else None)."""
-    from .export import (ExportError, ExportInputError, export_in_memory, export_model, load_hf_model, short_traced,
-                         weight_bytes)
+    from .export import (RETRACED, ExportError, ExportInputError, export_in_memory, export_model, load_hf_model,
+                         short_traced, weight_bytes)
     from .store.model import LensModel
     from .store.runner import Runner
     from .verify import reference
@@ -207,7 +207,7 @@ def _export_checked(source, holder: list, path: str, exporter: str, with_cache: 
                                     check="later", short=short)
                 check = info.pop("check")
             if not short and "layers" in info:
-                info["layers"]["why"] = "written from four traced layers, it failed its check"
+                info["layers"]["why"] = RETRACED
             holder.clear()
             if traced is None:  # the model's reference cycles (transformers', the trace's) hold its weights; in
                 gc.collect()  # memory the export views them, and a collection (0.2 s) would free none of them
@@ -227,7 +227,7 @@ def _export_checked(source, holder: list, path: str, exporter: str, with_cache: 
             for name in os.listdir(os.path.dirname(path)):  # the failed export and its data
                 os.remove(os.path.join(os.path.dirname(path), name))
             if short_traced(info) and not isinstance(exc, ExportInputError):  # the same export, traced whole
-                notes.append(f"the export written from four traced layers failed its check ({exc}); traced whole")
+                notes.append(f"the export: {RETRACED} ({exc})")
                 attempts.insert(0, (kind, kv, False))
                 continue
             if isinstance(exc, ExportInputError) or (kv and with_cache) or (not kv and exporter != "auto") \
@@ -261,12 +261,12 @@ def _points(folder: str, notes: list, in_memory=None) -> int:
     (the processed model still in memory, the StagedModel that has just written it): the points are
     placed on that model, its weights reading the written files, rather than on the file read back,
     before verification, which then has the memory to itself."""
-    from .interp.cache import save_points, save_points_of
+    from .interp.cache import save_points
 
     model_path, out = os.path.join(folder, MODEL), os.path.join(folder, POINTS)
+    model, written = in_memory or (None, None)
     try:
-        count = save_points(model_path, out) if in_memory is None else \
-            save_points_of(in_memory[0], model_path, in_memory[1].staged_path, out)
+        count = save_points(model_path, out, model, written.staged_path if written else None)
     except LensError as exc:
         notes.append(f"no {POINTS}: {exc}; run_with_cache places the points on its first call")
         return 0

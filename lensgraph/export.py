@@ -379,6 +379,9 @@ def _trace_torchscript(wrapper, args, opset, cache_layers=0, short: bool = True)
     return Traced(model, graph, weights, layers)
 
 
+RETRACED = "written from four traced layers, it failed the export check; traced whole"  # export.layers.why
+
+
 def short_traced(info: dict) -> bool:
     """Whether an export's info says it was written from a trace of fewer layers than it has."""
     layers = info.get("layers") or {}
@@ -433,12 +436,11 @@ def _alike_layers(wrapper):
         if len(kinds) > 1:
             return None, f"the config's {key} names layers of {len(kinds)} kinds"
     path, layers = lists[0]
-    first = _signature(layers[1])
+    signatures = [_signature(layer) for layer in layers]
     for i in range(1, count):
-        found = _signature(layers[i])
-        if found is None:
+        if signatures[i] is None:
             return None, f"layer {i} has a hook or a forward of its own"
-        if found != first:
+        if signatures[i] != signatures[1]:
             return None, f"layer {i} differs from layer 1"
     return Layers(path, count), ""
 
@@ -789,7 +791,7 @@ def export_model(model, out_path, exporter="dynamo", opset=None, check=True, ver
             if not short_traced(info):
                 raise
             wrapper, _, info = _trace(model, exporter, opset, cache, verbose, staged, short=False)
-            info["layers"] = {**info.get("layers", {}), "why": f"written from four, it failed the check ({exc})"}
+            info["layers"] = {**info.get("layers", {}), "why": f"{RETRACED} ({exc})"}
             max_diff = pending.run(dest)
 
     return {

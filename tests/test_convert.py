@@ -183,7 +183,7 @@ def test_the_points_are_placed_with_the_torch_weights_released_before_verificati
         alive.extend(p.data_ptr() for p in model.parameters())
         return model
 
-    save = cache.save_points_of
+    save = cache.save_points
 
     def placing(*args, **kwargs):
         order.append("points")
@@ -193,7 +193,7 @@ def test_the_points_are_placed_with_the_torch_weights_released_before_verificati
 
     verify = process.verify_models
     monkeypatch.setattr(lensgraph.export, "load_hf_model", loaded)
-    monkeypatch.setattr(cache, "save_points_of", placing)
+    monkeypatch.setattr(cache, "save_points", placing)
     monkeypatch.setattr(process, "verify_models", lambda *a, **k: order.append("verify") or verify(*a, **k))
     gc.disable()  # what convert does not collect itself must already be free
     try:

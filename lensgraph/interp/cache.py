@@ -90,25 +90,17 @@ def file_key(model) -> tuple[str, tuple]:
     return _file_key(os.fspath(model))
 
 
-def save_points(model_path: str, out_path: str) -> int:
+def save_points(model_path: str, out_path: str, model: LensModel | None = None, written: str | None = None) -> int:
     """Write the points graph of `model_path` beside it (same folder: its weight references stay
-    valid), without the points added only when named; returns the number of points."""
+    valid), without the points added only when named; returns the number of points. With `model`,
+    the model still in memory whose weights read the files it was just written to
+    (LensModel.read_written; `written` is that model file, to be published as `model_path`): the
+    points are placed on that graph, the one that was written, and `model` becomes the points graph.
+    Reading the file back would cost a parse and a deserialisation (about 1 s at 30 layers)."""
     if os.path.dirname(os.path.abspath(out_path)) != os.path.dirname(os.path.abspath(model_path)):
         raise ValueError("a points graph lives beside its model")
-    proto, outputs, _ = points_graph(model_path, on_request=False)
-    with open(out_path, "wb") as f:
-        f.write(proto.SerializeToString())
-    return len(outputs)
-
-
-def save_points_of(model: LensModel, model_path: str, written: str, out_path: str) -> int:
-    """`save_points` for a model still in memory whose weights read the files it was just written to
-    (LensModel.read_written): `written` is that model file, to be published as `model_path`, beside
-    `out_path`. Reading the file back costs a parse and a deserialisation (about 1 s at 30 layers);
-    the graph in memory is the one that was written. `model` becomes the points graph."""
-    if os.path.dirname(os.path.abspath(out_path)) != os.path.dirname(os.path.abspath(model_path)):
-        raise ValueError("a points graph lives beside its model")
-    proto, outputs, _ = _points_graph(model, model_path, sha256_of(written), on_request=False)
+    proto, outputs, _ = points_graph(model_path, on_request=False) if model is None else \
+        _points_graph(model, model_path, sha256_of(written), on_request=False)
     with open(out_path, "wb") as f:
         f.write(proto.SerializeToString())
     return len(outputs)
